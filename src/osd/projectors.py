@@ -1,0 +1,279 @@
+"""Projectors: how the rank-r bases of a weight matrix are chosen and kept up to date.
+
+A matrix gradient ``G`` (m x n) is projected with up to two orthonormal bases stored in
+the parameter's optimizer state::
+
+    basis_rows  B_r  (m x r)    left side:   R = B_r^T G          (state r x n)
+    basis_cols  B_c  (n x r)    right side:  R = G B_c            (state m x r)
+    both sides:                              R = B_r^T G B_c      (state r x r)
+
+and an update ``D`` in the subspace goes back as ``B_r D``, ``D B_c^T`` or ``B_r D B_c^T``.
+Storing the right-side basis as ``B_c = P^T`` (n x r) lets both sides share one code path:
+the right side of G is the left side of G^T.
+
+Which side: ``auto`` is GaLore's "std" rule (m >= n -> right, else left), so the basis is
+always (smaller dimension) x r; ``reverse_auto`` the opposite; ``left``, ``right``, ``both``.
+
+Three projectors, selected by name in the param group (``projector=``), resolved here in
+one place (:func:`from_group`):
+
+* :class:`SVD` (GaLore): top-r singular vectors of the gradient, recomputed every
+  ``update_gap`` steps. Cost O(mn min(m, n)) per refresh.
+* :class:`Random`: orthonormalised Gaussian, redrawn every ``update_gap`` steps from a seed
+  made of the step and the parameter's index, so data-parallel ranks agree.
+* :class:`OnlinePCA` (Online Subspace Descent): initialised by SVD at the first step, then
+  after every weight update one step of a small optimizer on the online-PCA loss
+  ``L(B) = ||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` with ``X = G/||G||_F`` (left)
+  or ``X = G^T/||G||_F`` (right). Cost O(mnr) per step. The gradient is computed in closed
+  form (tests/test_projectors.py checks it against autograd)::
+
+      C = B^T X,  Y = X C^T
+      dL/dB = 2 (B (C C^T) + Y (B^T B) - 2 Y) + 4 orth_reg B (B^T B - I)
+
+  ``C`` is the projected gradient divided by ``||G||``, so a one-sided step needs a single
+  extra m x n x r matmul (``Y``).
+
+All basis maths is fp32 whatever the parameter dtype; bases are fp32 tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from osd.rules import SGD, Adafactor, Adam, Lion, Rule
+from osd.storage import EIGHT_BIT, FP32, Storage
+
+SIDES = ("auto", "reverse_auto", "left", "right", "both")
+ROWS, COLS = "basis_rows", "basis_cols"
+
+
+def resolve_sides(side: str, m: int, n: int) -> tuple[bool, bool]:
+    """(project rows?, project columns?) for an m x n matrix."""
+    if side == "auto":
+        return (m < n, m >= n)
+    if side == "reverse_auto":
+        return (m >= n, m < n)
+    return (side in ("left", "both"), side in ("right", "both"))
+
+
+def project(g: torch.Tensor, state: dict) -> torch.Tensor:
+    if ROWS in state:
+        g = state[ROWS].mT @ g
+    if COLS in state:
+        g = g @ state[COLS]
+    return g
+
+
+def project_back(d: torch.Tensor, state: dict) -> torch.Tensor:
+    if ROWS in state:
+        d = state[ROWS] @ d
+    if COLS in state:
+        d = d @ state[COLS].mT
+    return d
+
+
+def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool) -> dict:
+    try:
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    except RuntimeError:  # ill-conditioned fp32 input: LAPACK/cuSOLVER may not converge
+        u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    bases = {}
+    if rows:
+        bases[ROWS] = u[:, :rank].float().contiguous()
+    if cols:
+        bases[COLS] = vh[:rank].mT.float().contiguous()
+    return bases
+
+
+@dataclass(frozen=True)
+class SVD:
+    """GaLore: bases = top-r singular vectors of G at steps 0, T, 2T, ..."""
+
+    update_gap: int = 200
+
+    def before_update(self, g, state, step, rank, sides, seed):
+        if step % self.update_gap == 0:
+            state.update(_svd_bases(g, rank, *sides))
+
+    def after_update(self, g, projected, state, step, lr_ratio):
+        pass
+
+
+@dataclass(frozen=True)
+class Random:
+    """Orthonormalised Gaussian bases, redrawn at steps 0, T, 2T, ... (deterministic in
+    (seed, step), drawn on the CPU so every device and rank gets the same numbers)."""
+
+    update_gap: int = 200
+
+    def before_update(self, g, state, step, rank, sides, seed):
+        if step % self.update_gap:
+            return
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        for key, on, dim in ((ROWS, sides[0], g.shape[0]), (COLS, sides[1], g.shape[1])):
+            if on:
+                q, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
+                state[key] = q.to(g.device)
+
+    def after_update(self, g, projected, state, step, lr_ratio):
+        pass
+
+
+# P's own optimizer, by name: (rule, storage, default weight decay). The defaults are those
+# of the reference code: torch.optim.AdamW (wd 0.01), bitsandbytes Adam8bit, lion-pytorch,
+# transformers Adafactor with fixed lr, and SGD without momentum.
+PROJ_OPTIMIZERS: dict[str, tuple[Rule, Storage, float]] = {
+    "adamw": (Adam(), FP32, 0.01),
+    "adam8bit": (Adam(), EIGHT_BIT, 0.0),
+    "lion": (Lion(), FP32, 0.0),
+    "adafactor": (Adafactor(), FP32, 0.0),
+    "sgd": (SGD(), FP32, 0.0),
+}
+
+
+def pca_grad(basis: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None = None, orth_reg: float = 0.0):
+    """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B.
+    ``c`` may pass in ``B^T X`` when the caller already has it."""
+    if c is None:
+        c = basis.mT @ x
+    y = x @ c.mT
+    gram = basis.mT @ basis
+    grad = basis @ (c @ c.mT) + y @ gram - 2 * y
+    grad.mul_(2)
+    if orth_reg:
+        gram.diagonal().sub_(1)
+        grad.add_(basis @ gram, alpha=4 * orth_reg)
+    return grad
+
+
+@dataclass(frozen=True)
+class OnlinePCA:
+    """Online Subspace Descent: SVD at the first step, then one optimizer step on the
+    online-PCA loss after every weight update (reference behaviour: background.md §3).
+
+    ``lr=None`` is the reference rule ``(1 / update_gap) * (lr_t / lr_0)``: P follows the
+    weights' schedule, and with T=200 and lr_0=1e-3 it is 5x the weight lr (the paper's
+    alpha = 5)."""
+
+    update_gap: int = 200
+    rule: Rule = field(default_factory=Adam)
+    storage: Storage = FP32
+    lr: float | None = None
+    weight_decay: float = 0.01
+    orth_reg: float = 0.0
+
+    def before_update(self, g, state, step, rank, sides, seed):
+        if step == 0:
+            for key, basis in _svd_bases(g, rank, *sides).items():
+                state[key] = basis
+                for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
+                    state[f"{key}.{name}"] = t
+
+    def after_update(self, g, projected, state, step, lr_ratio):
+        if step == 0:  # the reference takes no P step at initialisation
+            return
+        norm = torch.linalg.matrix_norm(g)
+        if norm == 0:
+            return
+        lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
+        one_sided = (ROWS in state) != (COLS in state)
+        for key, x in ((ROWS, g), (COLS, g.mT)):
+            if key not in state:
+                continue
+            basis = state[key]
+            c = None
+            if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
+                c = (projected if key == ROWS else projected.mT) / norm
+            grad = pca_grad(basis, x / norm, c, self.orth_reg)
+            prefix = key + "."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if self.weight_decay:
+                basis.mul_(1 - lr * self.weight_decay)
+            basis.sub_(self.rule.update(grad, sub, lr, step, self.storage))
+
+
+PROJECTORS = ("online_pca", "svd", "random")
+
+SUBSPACE_DEFAULTS = {
+    "projector": "online_pca",
+    "update_gap": 200,
+    "scale": 0.25,
+    "side": "auto",
+    "proj_optimizer": "adamw",
+    "proj_lr": None,
+    "proj_weight_decay": None,
+    "orth_reg": 0.0,
+}
+
+
+def check_group(group: dict, names: list[str]) -> None:
+    """Fill a subspace group's defaults and raise ValueError on anything invalid, naming
+    the offending parameter. Warns once if ``rank`` has to be clamped."""
+    for key, default in SUBSPACE_DEFAULTS.items():
+        group.setdefault(key, default)
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r} (parameters: {_few(names)})")
+    for key, valid in (("projector", PROJECTORS), ("side", SIDES), ("proj_optimizer", PROJ_OPTIMIZERS)):
+        if group[key] not in valid:
+            raise ValueError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
+    gap = group["update_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"update_gap must be a positive integer, got {gap!r}")
+    clamped = []
+    for p, name in zip(group["params"], names, strict=True):
+        if p.dim() < 2:
+            raise ValueError(
+                f"parameter {name} has shape {tuple(p.shape)}: a subspace group (one with 'rank') "
+                "takes matrices only; put vectors and scalars in a plain group (see osd.param_groups)"
+            )
+        m, n = p.shape[0], p[0].numel()
+        rows, cols = resolve_sides(group["side"], m, n)
+        dims = [d for d, on in ((m, rows), (n, cols)) if on]
+        if rank >= min(dims):
+            clamped.append(f"{name} {m}x{n}")
+    if clamped:
+        warnings.warn(
+            f"rank {rank} >= the projected dimension of {len(clamped)} parameter(s) "
+            f"({_few(clamped)}): clamped to the full dimension, so these save no memory",
+            stacklevel=4,
+        )
+
+
+def _few(items, k=3):
+    items = list(items)
+    return ", ".join(items[:k]) + (f" and {len(items) - k} more" if len(items) > k else "")
+
+
+def from_group(group: dict):
+    """The projector a (checked) subspace group asks for."""
+    name, gap = group["projector"], group["update_gap"]
+    if name == "svd":
+        return SVD(gap)
+    if name == "random":
+        return Random(gap)
+    rule, storage, weight_decay = PROJ_OPTIMIZERS[group["proj_optimizer"]]
+    if group["proj_weight_decay"] is not None:
+        weight_decay = group["proj_weight_decay"]
+    return OnlinePCA(gap, rule, storage, group["proj_lr"], weight_decay, group["orth_reg"])
+
+
+def effective_rank(rank: int, m: int, n: int, sides: tuple[bool, bool]) -> int:
+    return min([rank] + [d for d, on in zip((m, n), sides, strict=True) if on])
+
+
+__all__ = [
+    "SVD",
+    "Random",
+    "OnlinePCA",
+    "PROJECTORS",
+    "PROJ_OPTIMIZERS",
+    "SIDES",
+    "pca_grad",
+    "project",
+    "project_back",
+    "resolve_sides",
+]

@@ -1,0 +1,140 @@
+"""Update rules: pure per-tensor functions that turn a gradient into an update.
+
+A rule knows nothing about projections. Given a gradient ``g`` (full-space for plain
+parameters, the projected ``r x k`` matrix for subspace ones), its state tensors and the
+step number (1-based), it returns the update ``delta`` to subtract from the parameter,
+learning rate included (Adafactor's momentum runs on lr-scaled updates, so the rule must
+see the lr). Decoupled weight decay is not a rule's business: the optimizer applies it in
+full space.
+
+State tensors are allocated through a ``storage`` factory so that 8-bit state is a storage
+choice, not a different algorithm (see :mod:`osd.storage`). Rules read state with
+``storage.load`` and write it back with ``storage.store``; for plain fp32 tensors these are
+no-ops around in-place arithmetic.
+
+The same rules also drive the online-PCA projector's own optimizer (see
+:mod:`osd.projectors`), so every rule here can be a weight rule or a basis rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from osd.storage import FP32, Storage
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam moments with torch.optim.AdamW's arithmetic (bias correction on both moments,
+    ``eps`` added to the bias-corrected ``sqrt(v)``).
+
+    Differs from GaLore's AdamW only in where eps sits: GaLore adds it to ``sqrt(v)`` before
+    the correction, which amounts to an eps larger by ``1/sqrt(1 - beta2^t)``; with eps 1e-8
+    the two agree to better than 1e-6 relative on real gradients (tests/test_reference.py).
+    """
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
+        return {
+            "exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype),
+            "exp_avg_sq": storage.zeros(shape, device, signed=False, dtype=dtype),
+        }
+
+    def update(self, g, state, lr, step, storage: Storage = FP32):
+        beta1, beta2 = self.betas
+        m = storage.load(state["exp_avg"])
+        v = storage.load(state["exp_avg_sq"])
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        storage.store(state["exp_avg"], m)
+        storage.store(state["exp_avg_sq"], v)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
+        return (m / denom).mul_(lr / bias_correction1)
+
+
+@dataclass(frozen=True)
+class Lion:
+    """Lion (Chen et al. 2023): ``sign(beta1 m + (1 - beta1) g)``, then ``m <- lerp(m, g, 1 - beta2)``."""
+
+    betas: tuple[float, float] = (0.9, 0.99)
+
+    def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
+        return {"exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype)}
+
+    def update(self, g, state, lr, step, storage: Storage = FP32):
+        beta1, beta2 = self.betas
+        m = storage.load(state["exp_avg"])
+        delta = torch.lerp(m, g, 1 - beta1).sign_().mul_(lr)
+        m.lerp_(g, 1 - beta2)
+        storage.store(state["exp_avg"], m)
+        return delta
+
+
+@dataclass(frozen=True)
+class Adafactor:
+    """Adafactor as in ``transformers.optimization.Adafactor`` with ``relative_step=False``,
+    ``scale_parameter=False``, ``warmup_init=False``: factored second moment for matrices,
+    update RMS clipped to ``clip_threshold``, optional first moment on the lr-scaled update.
+    ``eps[1]`` only matters for parameter scaling, which is off; it is kept for parity of
+    signatures.
+    """
+
+    beta1: float | None = None
+    decay_rate: float = -0.8
+    eps: tuple[float, float] = (1e-30, 1e-3)
+    clip_threshold: float = 1.0
+
+    def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
+        state = {}
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], device=device, dtype=dtype)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], device=device, dtype=dtype)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, device=device, dtype=dtype)
+        if self.beta1 is not None:
+            state["exp_avg"] = storage.zeros(shape, device, signed=True, dtype=dtype)
+        return state
+
+    def update(self, g, state, lr, step, storage: Storage = FP32):
+        beta2t = 1.0 - math.pow(step, self.decay_rate)
+        sq = g.square().add_(self.eps[0])
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
+            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
+            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c_factor = col.unsqueeze(-2).rsqrt()
+            delta = torch.mul(r_factor, c_factor).mul_(g)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
+            delta = v.rsqrt().mul_(g)
+        rms = delta.norm(2) / math.sqrt(delta.numel())
+        delta.div_((rms / self.clip_threshold).clamp_(min=1.0)).mul_(lr)
+        if self.beta1 is not None:
+            m = storage.load(state["exp_avg"])
+            m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
+            storage.store(state["exp_avg"], m)
+            delta = m  # callers never modify a returned delta in place
+        return delta
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent, no state (the online-PCA reference's ``continuous_sgd``)."""
+
+    def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
+        return {}
+
+    def update(self, g, state, lr, step, storage: Storage = FP32):
+        return g * lr
+
+
+Rule = Adam | Lion | Adafactor | SGD
