@@ -17,6 +17,9 @@ Weight decay is decoupled and applied to W in full space BEFORE the update, as
 ``torch.optim.AdamW`` does. GaLore and the OSD reference apply it after; the difference
 per step is ``lr^2 * wd * update``, far below training noise.
 
+Adam's eps: plain groups add it after bias correction (torch.optim.AdamW), subspace groups
+before (GaLore and the OSD reference); see :class:`osd.rules.Adam`.
+
 State dtypes: subspace moments and bases are fp32 (all projection maths is fp32, also for
 bf16 weights); plain-group moments take the parameter's dtype, as in torch.optim.AdamW;
 8-bit storage (``AdamW8bit``) keeps moments as uint8 codes + fp32 block scales. ``step``
@@ -157,7 +160,8 @@ class AdamW(SubspaceOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def rule(self, group):
-        return Adam(tuple(group["betas"]), group["eps"])
+        # subspace groups follow GaLore / the OSD reference, plain groups torch.optim.AdamW
+        return Adam(tuple(group["betas"]), group["eps"], eps_before_correction="rank" in group)
 
 
 class AdamW8bit(AdamW):

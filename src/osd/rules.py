@@ -28,16 +28,19 @@ from osd.storage import FP32, Storage
 
 @dataclass(frozen=True)
 class Adam:
-    """Adam moments with torch.optim.AdamW's arithmetic (bias correction on both moments,
-    ``eps`` added to the bias-corrected ``sqrt(v)``).
+    """Adam moments with bias correction on both.
 
-    Differs from GaLore's AdamW only in where eps sits: GaLore adds it to ``sqrt(v)`` before
-    the correction, which amounts to an eps larger by ``1/sqrt(1 - beta2^t)``; with eps 1e-8
-    the two agree to better than 1e-6 relative on real gradients (tests/test_reference.py).
+    ``eps_before_correction=False`` is torch.optim.AdamW's arithmetic (eps added to the
+    bias-corrected ``sqrt(v)``); ``True`` is GaLore's and the OSD reference's (eps added to
+    ``sqrt(v)``, step size ``lr sqrt(1 - b2^t) / (1 - b1^t)``), an eps larger by
+    ``1/sqrt(1 - b2^t)`` early on. The difference is visible on near-zero coordinates, which a
+    two-sided SVD projection produces (its off-diagonal entries are rounding noise), so
+    subspace groups use the reference form and plain groups torch's.
     """
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    eps_before_correction: bool = False
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {
@@ -55,6 +58,8 @@ class Adam:
         storage.store(state["exp_avg_sq"], v)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
+        if self.eps_before_correction:
+            return (m / v.sqrt().add_(self.eps)).mul_(lr * math.sqrt(bias_correction2) / bias_correction1)
         denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
         return (m / denom).mul_(lr / bias_correction1)
 

@@ -1,0 +1,139 @@
+"""Projector properties: closed-form PCA gradient = autograd, orthonormal bases, online PCA
+tracks a rotating subspace, SVD bases change only at refreshes."""
+
+import pytest
+import torch
+
+import osd
+from osd import projectors
+
+
+@pytest.mark.parametrize("orth_reg", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
+def test_pca_grad_equals_autograd(shape, orth_reg):
+    x = torch.randn(*shape, dtype=torch.float64)
+    basis = torch.randn(shape[0], 5, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(5, dtype=torch.float64)
+    loss = ((basis @ basis.T @ x - x) ** 2).sum() + orth_reg * ((basis.T @ basis - eye) ** 2).sum()
+    (expected,) = torch.autograd.grad(loss, basis)
+    got = projectors.pca_grad(basis.detach(), x, orth_reg=orth_reg)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # the shortcut the optimizer uses: C = B^T X passed in
+    got_c = projectors.pca_grad(basis.detach(), x, c=basis.detach().T @ x, orth_reg=orth_reg)
+    torch.testing.assert_close(got_c, expected, rtol=1e-10, atol=1e-10)
+
+
+def _bases(opt, p):
+    state = opt.state[p]
+    return [state[k] for k in (projectors.ROWS, projectors.COLS) if k in state]
+
+
+def _train(projector, shape, steps, side="auto", **kw):
+    w = torch.nn.Parameter(torch.randn(*shape))
+    opt = osd.AdamW([{"params": [w], "rank": 6, "projector": projector, "side": side, **kw}], lr=1e-3)
+    snapshots = []
+    for _ in range(steps):
+        w.grad = torch.randn(*shape)
+        opt.step()
+        snapshots.append([b.clone() for b in _bases(opt, w)])
+    return opt, w, snapshots
+
+
+@pytest.mark.parametrize("projector", ["svd", "random", "online_pca"])
+@pytest.mark.parametrize("side", ["auto", "left", "right", "both", "reverse_auto"])
+def test_bases_orthonormal_and_shaped(projector, side):
+    """SVD and random bases are orthonormal at every step; online PCA's at its SVD
+    initialisation (afterwards only approximately: see the tracking test)."""
+    shape = (24, 40)
+    steps = 1 if projector == "online_pca" else 12
+    opt, w, _ = _train(projector, shape, steps, side=side, update_gap=5)
+    expected = {
+        "auto": [(24, 6)],
+        "reverse_auto": [(40, 6)],
+        "left": [(24, 6)],
+        "right": [(40, 6)],
+        "both": [(24, 6), (40, 6)],
+    }[side]
+    bases = _bases(opt, w)
+    assert [tuple(b.shape) for b in bases] == expected
+    for b in bases:
+        assert b.dtype == torch.float32
+        err = (b.T @ b - torch.eye(6)).abs().max().item()
+        assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("projector", ["svd", "random"])
+def test_refresh_only_every_update_gap(projector):
+    _, _, snaps = _train(projector, (16, 24), 12, update_gap=5)
+    for step in range(1, 12):
+        same = torch.equal(snaps[step][0], snaps[step - 1][0])
+        assert same == (step % 5 != 0), step
+
+
+def test_random_projection_is_deterministic_across_optimizers():
+    """Data-parallel ranks build their own optimizers: the random bases must agree."""
+    a = _train("random", (16, 24), 7, update_gap=3)[2]
+    torch.manual_seed(123)  # a different global RNG state must not matter
+    b = _train("random", (16, 24), 7, update_gap=3)[2]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x[0], y[0])
+
+
+def _principal_angle(basis, target):
+    """Largest principal angle (radians) between span(basis) and span(target)."""
+    q, _ = torch.linalg.qr(basis)
+    s = torch.linalg.svdvals(q.T @ target).clamp(max=1.0)
+    return torch.arccos(s.min()).item()
+
+
+@pytest.mark.parametrize("proj_optimizer", ["adamw", "sgd", "lion", "adafactor", "adam8bit"])
+def test_online_pca_tracks_rotating_subspace(proj_optimizer):
+    """Noisy rank-r gradients G = U_t S Z + noise whose column space U_t rotates slowly: P's
+    span follows U_t, and P stays close to orthonormal."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, r, steps = 64, 96, 4, 400
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen))
+    drift = torch.randn(m, m, generator=gen)
+    drift = (drift - drift.T) * 2e-3  # small skew-symmetric generator: a slow rotation
+    rotation = torch.linalg.matrix_exp(drift)
+    w = torch.nn.Parameter(torch.zeros(m, n))
+    opt = osd.AdamW(
+        [{"params": [w], "rank": r, "side": "left", "proj_optimizer": proj_optimizer}],
+        lr=1e-3,
+    )
+    # the initial SVD sees a gradient from a different subspace so tracking has to happen
+    w.grad = torch.randn(m, n, generator=gen)
+    opt.step()
+    start = _principal_angle(opt.state[w][projectors.ROWS], u)
+    lr = {"sgd": 0.5}.get(proj_optimizer, 0.02)
+    opt.param_groups[0]["proj_lr"] = lr
+    for _ in range(steps):
+        u = rotation @ u
+        signal = u @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.5])) @ torch.randn(r, n, generator=gen)
+        w.grad = signal + 0.1 * torch.randn(m, n, generator=gen)
+        opt.step()
+    basis = opt.state[w][projectors.ROWS]
+    angle = _principal_angle(basis, u)
+    assert start > 1.0, start
+    assert angle < 0.35, f"{proj_optimizer}: largest principal angle {angle:.3f} rad after {steps} steps"
+    orth = (basis.T @ basis - torch.eye(r)).abs().max().item()
+    assert orth < 0.2, f"{proj_optimizer}: max |P^T P - I| = {orth:.3f}"
+
+
+def test_online_pca_lr_follows_schedule():
+    """proj_lr=None means (1/update_gap) * lr_t/lr_0: halving lr halves P's SGD step."""
+
+    def p_step(lr_factor):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 12))
+        opt = osd.SGD([{"params": [w], "rank": 2, "proj_optimizer": "sgd", "update_gap": 4}], lr=0.1)
+        grads = [torch.randn(8, 12) for _ in range(2)]
+        w.grad = grads[0]
+        opt.step()
+        before = opt.state[w][projectors.ROWS].clone()
+        opt.param_groups[0]["lr"] = 0.1 * lr_factor
+        w.grad = grads[1]
+        opt.step()
+        return opt.state[w][projectors.ROWS] - before
+
+    torch.testing.assert_close(p_step(0.5), 0.5 * p_step(1.0))
