@@ -83,7 +83,14 @@ def test_param_groups_split():
     plain, sub = osd.param_groups(model, rank=4, update_gap=50, projector="svd")
     assert sub["param_names"] == ["attn.weight", "mlp.0.weight", "mlp.1.weight"]
     assert sub["rank"] == 4 and sub["update_gap"] == 50 and sub["projector"] == "svd"
-    assert plain["param_names"] == ["embed.weight", "attn.bias", "mlp.0.bias", "norm.weight", "norm.bias", "head.weight"]
+    assert plain["param_names"] == [
+        "embed.weight",
+        "attn.bias",
+        "mlp.0.bias",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+    ]
     covered = {id(p) for g in (plain, sub) for p in g["params"]}
     assert covered == {id(p) for p in model.parameters()}
 

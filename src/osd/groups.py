@@ -36,8 +36,7 @@ def param_groups(
     if not chosen:
         linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
         raise ValueError(
-            f"no nn.Linear module name contains any of {list(targets)}; "
-            f"Linear modules are e.g. {linears[:6] or 'none'}"
+            f"no nn.Linear module name contains any of {list(targets)}; Linear modules are e.g. {linears[:6] or 'none'}"
         )
     plain = {"params": [], "param_names": []}
     subspace = {"params": [], "param_names": [], "rank": rank, **subspace_options}

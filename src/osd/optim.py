@@ -36,8 +36,10 @@ from __future__ import annotations
 import torch
 
 from osd import projectors, storage
+from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
-from osd.rules import Adam, Lion as LionRule, Rule, SGD as SGDRule
+from osd.rules import Adam, Rule
+from osd.rules import Lion as LionRule
 from osd.storage import EIGHT_BIT, FP32
 
 

@@ -189,7 +189,7 @@ class OnlinePCA:
                 c = (projected if key == ROWS else projected.mT) / norm
             grad = pca_grad(basis, x / norm, c, self.orth_reg)
             prefix = key + "."
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if self.weight_decay:
                 basis.mul_(1 - lr * self.weight_decay)
             basis.sub_(self.rule.update(grad, sub, lr, step, self.storage))

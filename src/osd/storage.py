@@ -37,9 +37,7 @@ def _optim_state_8bit():
     try:
         from torchao.optim.subclass_8bit import OptimState8bit
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "8-bit optimizer state needs torchao: pip install 'online-subspace-descent[eightbit]'"
-        ) from e
+        raise ImportError("8-bit optimizer state needs torchao: pip install 'online-subspace-descent[eightbit]'") from e
     return OptimState8bit
 
 
