@@ -2,6 +2,7 @@
 projection) for PyTorch. Imports torch only."""
 
 from osd.groups import param_groups
+from osd.layerwise import Layerwise
 from osd.optim import SGD, Adafactor, AdamW, AdamW8bit, Lion, SubspaceOptimizer
 from osd.projectors import PROJ_OPTIMIZERS, PROJECTORS, SIDES
 
@@ -11,6 +12,7 @@ __all__ = [
     "AdamW",
     "AdamW8bit",
     "Adafactor",
+    "Layerwise",
     "Lion",
     "SGD",
     "SubspaceOptimizer",

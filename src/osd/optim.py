@@ -86,34 +86,45 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     self._subspace_step(p, group, rule, projector, seed=index)
         return loss
 
-    def _plain_step(self, p, group, rule):
+    def _plain_step(self, p, group, rule, grad=None):
         state = self.state[p]
         if not state:
             dtype = p.dtype if self.storage is FP32 else torch.float32
             state["step"] = 0
             state.update(rule.init(p.shape, p.device, self.storage, dtype))
         state["step"] += 1
-        g = p.grad if self.storage is FP32 else p.grad.float()
+        g = p.grad if grad is None else grad
+        g = g if self.storage is FP32 else g.float()
         lr = group["lr"]
         delta = rule.update(g, state, lr, state["step"], self.storage)
         _apply(p, delta, lr, group.get("weight_decay", 0.0))
 
     def _subspace_step(self, p, group, rule, projector, seed):
+        g = _matrix(p.grad)
+        self._refresh(p, g, group, projector, seed)
+        r = projectors.project(g, self.state[p])
+        self._subspace_update(p, r, group, rule, projector, g, r)
+
+    def _refresh(self, p, g, group, projector, seed):
+        """Start a step: let the projector (re)build the bases from the gradient ``g``."""
         state = self.state[p]
-        g = p.grad.reshape(p.shape[0], -1).float()
         m, n = g.shape
         sides = projectors.resolve_sides(group["side"], m, n)
-        step = state.setdefault("step", 0)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
-        projector.before_update(g, state, step, rank, sides, seed)
-        r = projectors.project(g, state)
+        projector.before_update(g, state, state.setdefault("step", 0), rank, sides, seed)
+
+    def _subspace_update(self, p, r, group, rule, projector, g, g_projected):
+        """Finish a step from the projected gradient ``r``. The projector's own update sees
+        the gradient ``g`` and its projection (the same as ``r`` unless accumulating)."""
+        state = self.state[p]
+        step = state["step"]
         if step == 0:
             state.update(rule.init(r.shape, r.device, self.storage))
         lr = group["lr"]
         delta = rule.update(r, state, lr, step + 1, self.storage)
         update = projectors.project_back(delta, state).mul_(group["scale"])
         _apply(p, update.view(p.shape), lr, group.get("weight_decay", 0.0))
-        projector.after_update(g, r, state, step, lr / group["initial_lr"])
+        projector.after_update(g, g_projected, state, step, lr / group["initial_lr"])
         state["step"] = step + 1
 
     def state_bytes(self, group: int | None = None) -> int:
@@ -142,6 +153,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for index, param_state in state_dict["state"].items():
             p = params[int(index)]
             self.state[p] = storage.unpack(param_state, p.device)
+
+
+def _matrix(grad):
+    """A gradient as the fp32 m x n matrix the projectors work on (rows x the rest)."""
+    return grad.reshape(grad.shape[0], -1).float()
 
 
 def _apply(p, update, lr, weight_decay):

@@ -1,0 +1,173 @@
+"""Per-layer (in-backward) updates that respect gradient accumulation.
+
+:class:`Layerwise` wraps an osd optimizer so that each parameter is updated inside
+backward, in its post-accumulate-grad hook, and its gradient freed at once: the full
+gradients of the whole model never exist together (GaLore's per-layer mode, which its
+authors use to fit 7B training in 24 GB).
+
+Gradient accumulation over ``accumulation_steps`` micro-batches, without full gradients:
+
+* subspace parameters project each micro-batch gradient with the current bases and add it
+  to an ``r x k`` accumulator (the ``accum`` state tensor), freeing the ``m x n`` gradient
+  at once; at the last micro-batch the rule runs on the summed projection. Because
+  projection is linear this equals ordinary accumulation exactly while the bases stay fixed.
+  The projector update needs a full gradient, so it uses one micro-batch: an SVD refresh
+  (every ``update_gap`` steps) is computed from the FIRST micro-batch gradient of that
+  step, and the online-PCA step on P after the update from the LAST micro-batch gradient
+  (the PCA loss normalises G, so its scale does not matter). Random bases need no gradient.
+* plain parameters (embeddings, norms, head) accumulate their full gradient in ``.grad``
+  as usual and are updated, then freed, at the last micro-batch.
+
+The wrapper is a ``torch.optim.Optimizer`` sharing ``param_groups`` and ``state`` with the
+wrapped optimizer, so one LR scheduler drives it and ``state_dict``/``load_state_dict``
+work as usual. ``step()`` marks the end of an optimizer step (the updates already happened
+in backward) and checks that every parameter saw exactly ``accumulation_steps``
+micro-batches.
+
+Clipping: a global gradient norm needs every gradient at once, which is what this mode
+avoids, so :meth:`Layerwise.clip_grad_norm_` raises. ``max_grad_norm`` clips per
+parameter instead: the gradient the rule sees (the full accumulated gradient of a plain
+parameter, the accumulated projection of a subspace one) is scaled to norm at most
+``max_grad_norm``.
+
+Not for DDP/FSDP: their gradient all-reduce completes after these hooks fire.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from osd import projectors
+from osd.optim import SubspaceOptimizer, _matrix
+
+
+class Layerwise(torch.optim.Optimizer):
+    def __init__(
+        self,
+        optimizer: SubspaceOptimizer,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        if not isinstance(optimizer, SubspaceOptimizer):
+            raise TypeError(f"Layerwise wraps an osd optimizer, got {type(optimizer).__name__}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
+        if getattr(optimizer, "_layerwise_hooks", False):
+            raise ValueError("this optimizer is already wrapped by a Layerwise (its hooks would run twice)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        # torch's __init__ resets param_groups and state (through the properties below, on
+        # the wrapped optimizer); let it, on copies, then put the real ones back
+        groups, state = optimizer.param_groups, optimizer.state
+        super().__init__([dict(g) for g in groups], optimizer.defaults)
+        optimizer.param_groups, optimizer.state = groups, state
+        # where each parameter lives: (group index, seed of the random projector), the same
+        # numbering as SubspaceOptimizer.step so both modes draw the same random bases
+        self._where = {}
+        self._seen = {}
+        self._handles = []
+        optimizer._layerwise_hooks = True
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                index += 1
+                self._where[p] = (gi, index)
+                self._seen[p] = 0
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # param_groups and state are the wrapped optimizer's (also after its load_state_dict,
+    # which replaces the group dicts)
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @torch.no_grad()
+    def _hook(self, p):
+        self._seen[p] += 1
+        micro, last = self._seen[p], self._seen[p] == self.accumulation_steps
+        gi, seed = self._where[p]
+        group = self.param_groups[gi]
+        opt = self.optimizer
+        if "rank" not in group:
+            if last:
+                opt._plain_step(p, group, opt.rule(group), self._clip(p.grad))
+                p.grad = None
+            return
+        projector = projectors.from_group(group)
+        g = _matrix(p.grad)
+        p.grad = None
+        if micro == 1:
+            opt._refresh(p, g, group, projector, seed)
+        state = opt.state[p]
+        g_projected = projectors.project(g, state)
+        r = state.pop("accum").add_(g_projected) if micro > 1 else g_projected
+        if last:
+            opt._subspace_update(p, self._clip(r), group, opt.rule(group), projector, g, g_projected)
+        else:
+            state["accum"] = r
+
+    def _clip(self, g):
+        if self.max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(g)
+            if norm > self.max_grad_norm:
+                g = g * (self.max_grad_norm / norm)
+        return g
+
+    def step(self, closure=None):
+        """End of an optimizer step: the parameters were updated during backward."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = [p for p, n in self._seen.items() if n not in (0, self.accumulation_steps)]
+        if pending:
+            counts = sorted({self._seen[p] for p in pending})
+            raise RuntimeError(
+                f"step() after {counts} micro-batch backward(s) but accumulation_steps="
+                f"{self.accumulation_steps}: call backward accumulation_steps times per step"
+            )
+        for p in self._seen:
+            self._seen[p] = 0
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Gradients are freed in backward already; plain ones are cleared here too."""
+        self.optimizer.zero_grad(set_to_none)
+
+    def clip_grad_norm_(self, max_norm):
+        raise RuntimeError(
+            "global-norm gradient clipping is impossible with per-layer updates (the full "
+            "gradients never exist together); use Layerwise(..., max_grad_norm=...) for "
+            "per-parameter clipping"
+        )
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.optimizer.load_state_dict(state_dict)
+
+    def state_bytes(self, group: int | None = None) -> int:
+        return self.optimizer.state_bytes(group)
+
+    def remove_hooks(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer._layerwise_hooks = False
