@@ -49,9 +49,12 @@ def test_unknown_names_list_valid_ones(key, value, valid):
         osd.Lion([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, key: value}])
 
 
-def test_bad_update_gap():
-    with pytest.raises(ValueError, match="update_gap must be a positive integer"):
-        osd.AdamW([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, "update_gap": 0}])
+@pytest.mark.parametrize(
+    "key,value,message", [("update_gap", 0, "integer >= 1"), ("retract_every", -1, "integer >= 0")]
+)
+def test_bad_periods(key, value, message):
+    with pytest.raises(ValueError, match=f"{key} must be an {message}, got {value}"):
+        osd.AdamW([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, key: value}])
 
 
 @pytest.mark.parametrize(

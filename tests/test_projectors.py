@@ -137,3 +137,56 @@ def test_online_pca_lr_follows_schedule():
         return opt.state[w][projectors.ROWS] - before
 
     torch.testing.assert_close(p_step(0.5), 0.5 * p_step(1.0))
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_transport_rotation_within_span(side):
+    """If the basis only rotates inside its span (B_new = B_old O), transport maps the first
+    moment so that the full-space momentum B M is unchanged, and V as (Q*Q) V."""
+    m, n, r = 12, 10, 4
+    state = {"exp_avg": torch.randn(m, n), "exp_avg_sq": torch.rand(m, n)}
+    old, rot = {}, {}
+    for key, on, d in ((projectors.ROWS, side in ("left", "both"), m), (projectors.COLS, side in ("right", "both"), n)):
+        if on:
+            old[key] = torch.linalg.qr(torch.randn(d, r))[0]
+            rot[key] = torch.linalg.qr(torch.randn(r, r))[0]
+            state[key] = old[key] @ rot[key]
+    state["exp_avg"] = projectors.project(state["exp_avg"], old)
+    state["exp_avg_sq"] = projectors.project(state["exp_avg_sq"], old).abs()
+    full_before = projectors.project_back(state["exp_avg"], old)
+    v_before = state["exp_avg_sq"].clone()
+    projectors.transport(state, old, osd.rules.Adam.moments, osd.storage.FP32)
+    torch.testing.assert_close(projectors.project_back(state["exp_avg"], state), full_before, atol=1e-5, rtol=1e-5)
+    expected_v = v_before
+    if projectors.ROWS in rot:
+        expected_v = rot[projectors.ROWS].T.square() @ expected_v
+    if projectors.COLS in rot:
+        expected_v = expected_v @ rot[projectors.COLS].square()
+    torch.testing.assert_close(state["exp_avg_sq"], expected_v)
+
+
+def test_transport_off_by_default_and_changes_trajectory():
+    def final(**kw):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(16, 24))
+        opt = osd.AdamW([{"params": [w], "rank": 4, "update_gap": 3, **kw}], lr=1e-2)
+        for _ in range(6):
+            w.grad = torch.randn(16, 24)
+            opt.step()
+        return w.detach().clone()
+
+    assert torch.equal(final(), final(transport=False))
+    for projector in ("svd", "online_pca"):
+        assert not torch.equal(final(projector=projector), final(projector=projector, transport=True))
+
+
+def test_retraction_restores_orthonormality():
+    w = torch.nn.Parameter(torch.randn(24, 40))
+    opt = osd.AdamW([{"params": [w], "rank": 6, "retract_every": 4}], lr=1e-3)
+    for step in range(1, 13):
+        w.grad = torch.randn(24, 40)
+        opt.step()
+        basis = opt.state[w][projectors.ROWS]
+        err = (basis.T @ basis - torch.eye(6)).abs().max().item()
+        if (step - 1) % 4 == 0:  # the P step taken at step index 4, 8 (and the SVD at 0)
+            assert err < 1e-5, (step, err)

@@ -111,7 +111,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         m, n = g.shape
         sides = projectors.resolve_sides(group["side"], m, n)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
+        old = _bases(state)
         projector.before_update(g, state, state.setdefault("step", 0), rank, sides, seed)
+        if group["transport"] and state["step"] > 0:
+            projectors.transport(state, old, self.rule(group).moments, self.storage)
 
     def _subspace_update(self, p, r, group, rule, projector, g, g_projected):
         """Finish a step from the projected gradient ``r``. The projector's own update sees
@@ -124,7 +127,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         delta = rule.update(r, state, lr, step + 1, self.storage)
         update = projectors.project_back(delta, state).mul_(group["scale"])
         _apply(p, update.view(p.shape), lr, group.get("weight_decay", 0.0))
+        old = _bases(state)
         projector.after_update(g, g_projected, state, step, lr / group["initial_lr"])
+        if group["transport"]:
+            projectors.transport(state, old, rule.moments, self.storage)
         state["step"] = step + 1
 
     def state_bytes(self, group: int | None = None) -> int:
@@ -153,6 +159,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for index, param_state in state_dict["state"].items():
             p = params[int(index)]
             self.state[p] = storage.unpack(param_state, p.device)
+
+
+def _bases(state):
+    return {k: state[k] for k in (projectors.ROWS, projectors.COLS) if k in state}
 
 
 def _matrix(grad):

@@ -164,6 +164,7 @@ class OnlinePCA:
     lr: float | None = None
     weight_decay: float = 0.01
     orth_reg: float = 0.0
+    retract_every: int = 0
 
     def before_update(self, g, state, step, rank, sides, seed):
         if step == 0:
@@ -190,9 +191,12 @@ class OnlinePCA:
             grad = pca_grad(basis, x / norm, c, self.orth_reg)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if self.weight_decay:
-                basis.mul_(1 - lr * self.weight_decay)
-            basis.sub_(self.rule.update(grad, sub, lr, step, self.storage))
+            # a new tensor, not in place: the optimizer detects a moved basis by identity
+            new = basis * (1 - lr * self.weight_decay) if self.weight_decay else basis
+            new = new - self.rule.update(grad, sub, lr, step, self.storage)
+            if self.retract_every and step % self.retract_every == 0:
+                new = _orthonormalize(new)
+            state[key] = new
 
 
 PROJECTORS = ("online_pca", "svd", "random")
@@ -206,6 +210,8 @@ SUBSPACE_DEFAULTS = {
     "proj_lr": None,
     "proj_weight_decay": None,
     "orth_reg": 0.0,
+    "retract_every": 0,
+    "transport": False,
 }
 
 
@@ -220,9 +226,10 @@ def check_group(group: dict, names: list[str]) -> None:
     for key, valid in (("projector", PROJECTORS), ("side", SIDES), ("proj_optimizer", PROJ_OPTIMIZERS)):
         if group[key] not in valid:
             raise ValueError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"update_gap must be a positive integer, got {gap!r}")
+    for key in ("update_gap", "retract_every"):
+        value, least = group[key], 1 if key == "update_gap" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
     clamped = []
     for p, name in zip(group["params"], names, strict=True):
         if p.dim() < 2:
@@ -258,7 +265,35 @@ def from_group(group: dict):
     rule, storage, weight_decay = PROJ_OPTIMIZERS[group["proj_optimizer"]]
     if group["proj_weight_decay"] is not None:
         weight_decay = group["proj_weight_decay"]
-    return OnlinePCA(gap, rule, storage, group["proj_lr"], weight_decay, group["orth_reg"])
+    return OnlinePCA(gap, rule, storage, group["proj_lr"], weight_decay, group["orth_reg"], group["retract_every"])
+
+
+def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
+    """QR retraction onto orthonormal columns, signs fixed so it is continuous in B."""
+    q, r = torch.linalg.qr(basis)
+    return q * torch.sign(torch.sign(r.diagonal()) + 0.5)
+
+
+def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
+    """Carry subspace moments from the bases in ``old`` to the current ones.
+
+    Coordinates in a basis are ``c = B^T g``, so with ``Q = B_new^T B_old`` (r x r) a first
+    moment maps as ``M <- Q M`` (left side; ``M Q^T`` on the right). A second moment of
+    coordinates is a variance: ignoring the cross-covariances that Adam does not keep,
+    ``V <- (Q*Q) V``. Without transport (GaLore, the OSD reference) the old coordinates are
+    reused as if they were coordinates in the new basis."""
+    rotations = {k: state[k].mT @ b for k, b in old.items() if state[k] is not b}
+    if not rotations:
+        return
+    first, second = moments
+    for name in first + second:
+        if name not in state:  # e.g. Adafactor without beta1
+            continue
+        value = storage.load(state[name])
+        for key, q in rotations.items():
+            q = q.square() if name in second else q
+            value = q @ value if key == ROWS else value @ q.mT
+        storage.store(state[name], value)
 
 
 def effective_rank(rank: int, m: int, n: int, sides: tuple[bool, bool]) -> int:

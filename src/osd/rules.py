@@ -12,6 +12,9 @@ choice, not a different algorithm (see :mod:`osd.storage`). Rules read state wit
 ``storage.load`` and write it back with ``storage.store``; for plain fp32 tensors these are
 no-ops around in-place arithmetic.
 
+Each rule names its ``moments``: (first-moment keys, second-moment keys), so that
+subspace state can be carried into a new basis (:func:`osd.projectors.transport`).
+
 The same rules also drive the online-PCA projector's own optimizer (see
 :mod:`osd.projectors`), so every rule here can be a weight rule or a basis rule.
 """
@@ -42,6 +45,8 @@ class Adam:
     eps: float = 1e-8
     eps_before_correction: bool = False
 
+    moments = (("exp_avg",), ("exp_avg_sq",))
+
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {
             "exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype),
@@ -69,6 +74,7 @@ class Lion:
     """Lion (Chen et al. 2023): ``sign(beta1 m + (1 - beta1) g)``, then ``m <- lerp(m, g, 1 - beta2)``."""
 
     betas: tuple[float, float] = (0.9, 0.99)
+    moments = (("exp_avg",), ())
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {"exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype)}
@@ -95,6 +101,7 @@ class Adafactor:
     decay_rate: float = -0.8
     eps: tuple[float, float] = (1e-30, 1e-3)
     clip_threshold: float = 1.0
+    moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         state = {}
@@ -134,6 +141,8 @@ class Adafactor:
 @dataclass(frozen=True)
 class SGD:
     """Plain gradient descent, no state (the online-PCA reference's ``continuous_sgd``)."""
+
+    moments = ((), ())
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}
