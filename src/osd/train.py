@@ -1,0 +1,554 @@
+"""Pretrain a LLaMA model on C4-style text with any osd optimizer: ``osd-train`` or
+``python -m osd.train``, single process or ``torchrun --nproc_per_node N -m osd.train``.
+
+Command lines of the seed's ``torchrun_main.py`` work unchanged (same flags, same meaning);
+``--config FILE.toml`` supplies the same keys, flags override it. ``osd-train plot RUN...``
+draws loss curves. What differs from the seed, on purpose:
+
+* the loss of a step is the mean over its real (non-pad) tokens across all micro-batches
+  and ranks (the seed averages per-micro-batch means), and DDP gradients are synchronised
+  only on the last micro-batch;
+* exactly ``--num_training_steps`` optimizer steps (the seed takes one more), and
+  ``--max_train_tokens`` counts tokens (the seed divides it by sequences per step only);
+* ``--scheduler linear`` decays to ``--min_lr_ratio`` (the seed's goes to 0);
+* evaluation is a token-weighted mean over ``--eval_tokens`` (the seed averages per-batch
+  means and divides by batches + 1);
+* checkpoints hold everything (model, optimizer, scheduler, data position, RNG) and resume
+  exactly.
+
+Bad input (unknown names, sizes that do not divide, unreadable data, a checkpoint of another
+run) ends with a one-line ``osd-train: error: ...`` on stderr and exit code 2, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from osd import checkpoint, cli_options, models
+from osd.data import DataError, Documents, TokenBatches, count_tokens, load_tokenizer, open_source
+from osd.metrics import MetricsLog, plot_main
+
+PROG = "osd-train"
+
+
+class UsageError(Exception):
+    """Reported as one line on stderr, exit code 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def token_count(text: str) -> int:
+    """'100M', '1.5B', '20k' or a plain number (the seed's --max_train_tokens syntax)."""
+    text = str(text).strip()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 100M, 1B)") from None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = partial(p.add_argument, action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--config", help="TOML file with any of these flags as keys; flags override it")
+    # the seed's flags
+    p.add_argument("--model_config", help="size name (llama_9m .. llama_7b), a config JSON, or a model dir")
+    flag("--use_hf_model", help="accepted for the seed's command lines: the model is always HF LlamaForCausalLM")
+    p.add_argument("--continue_from", help="checkpoint directory (or a save_dir: its newest checkpoint)")
+    p.add_argument("--batch_size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--gradient_accumulation", type=int)
+    p.add_argument("--total_batch_size", type=int, help="sequences per optimizer step, all processes")
+    p.add_argument("--max_length", type=int, default=256)
+    p.add_argument("--optimizer", default="adam", help=f"one of {', '.join(cli_options.optimizer_names())}")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--scheduler", default="cosine", choices=["cosine", "linear"])
+    p.add_argument("--min_lr_ratio", type=float, default=0.1)
+    flag("--activation_checkpointing")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_steps", type=int, default=1000)
+    p.add_argument("--eval_every", type=int, default=5000)
+    p.add_argument("--num_training_steps", type=int, default=10_000, help="optimizer steps")
+    p.add_argument("--max_train_tokens", type=token_count, help="overrides --num_training_steps (100M, 1B)")
+    p.add_argument("--save_every", type=int, default=10_000)
+    p.add_argument("--save_dir", help="checkpoints and run files (default checkpoints/MODEL-DATE-TIME)")
+    p.add_argument("--tags", help="comma-separated wandb tags")
+    p.add_argument("--dtype", default="auto", help="bfloat16 (pure bf16 weights) or float32; auto: bf16 on CUDA")
+    p.add_argument("--workers", type=int, default=8, help="accepted; data is read in the main process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="test")
+    p.add_argument("--grad_clipping", type=float, default=0.0, help="max global grad norm, 0: off")
+    p.add_argument("--beta1", type=float, default=0.0, help="adafactor's first-moment beta (0: none)")
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--update_proj_gap", type=int, default=50)
+    p.add_argument("--galore_scale", type=float, default=1.0)
+    p.add_argument("--proj_type", default="std", help=f"one of {', '.join(cli_options.PROJ_TYPES)}")
+    flag("--log_details", help="accepted for the seed's command lines")
+    flag("--single_gpu", help="no DDP (one process only)")
+    # new flags
+    p.add_argument("--dataset", default="allenai/c4", help="Hub name, or local json/jsonl(.gz)/parquet/txt/glob")
+    p.add_argument("--eval_dataset", help="default: the Hub dataset's validation split")
+    p.add_argument("--tokenizer", default="t5-base", help="name or local directory")
+    p.add_argument("--eval_tokens", type=token_count, default=10_000_000, help="non-pad tokens per evaluation")
+    flag("--packing", help="concatenate documents instead of truncate-and-pad")
+    flag("--autocast", help="fp32 master weights, forward/backward under bf16 autocast")
+    p.add_argument("--proj_lr", type=float, help="online PCA: fixed P lr (default (1/gap) * lr_t/lr_0)")
+    p.add_argument("--orth_reg", type=float, default=0.0, help="online PCA: orthogonality penalty (paper: 0.1)")
+    p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
+    p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    flag("--wandb", help="also log to Weights & Biases")
+    return p
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """TOML keys -> parser defaults, checked against the flags' types."""
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or key in ("config", "help"):
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            ok = isinstance(value, bool)
+        elif action.type is float:
+            ok, value = isinstance(value, int | float) and not isinstance(value, bool), float(value)
+        elif action.type is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif action.type is token_count:
+            ok = isinstance(value, int | str)
+            value = token_count(value) if ok else value
+        else:
+            ok = isinstance(value, str)
+        if not ok or (action.choices and value not in action.choices):
+            raise UsageError(f"--config {path}: bad value {value!r} for {key}")
+        values[key] = value
+    return values
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def resolve(args, world_size: int) -> argparse.Namespace:
+    """Check the arguments and fill in derived values; raises UsageError. Writes nothing."""
+    for key in ("model_config", "batch_size"):
+        if getattr(args, key) is None:
+            raise UsageError(f"--{key} is required (flag or --config key)")
+    try:
+        choice = cli_options.parse_optimizer(args.optimizer)
+        cli_options.subspace_options(args.proj_type)
+        cli_options.optimizer_kwargs(choice, args.lr, args.weight_decay, args.beta1)
+        args.model = models.model_config(args.model_config).to_dict()  # with LlamaConfig's defaults
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    args.per_layer, args.subspace = choice.per_layer, choice.subspace
+    args.osd_optimizer = choice.class_name  # recorded in run_config.json
+    if choice.subspace:
+        args.subspace_options = cli_options.subspace_options(args.proj_type)
+    positive = ["batch_size", "max_length", "num_training_steps", "eval_every", "save_every", "log_every"]
+    positive += ["rank", "update_proj_gap"] if choice.subspace else []
+    for key in positive + ["gradient_accumulation", "total_batch_size"]:
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{key} must be positive, got {value}")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if not 0 < args.min_lr_ratio <= 1:
+        raise UsageError(f"--min_lr_ratio must be in (0, 1], got {args.min_lr_ratio}")
+
+    per_step = args.batch_size * world_size
+    if args.total_batch_size is None:
+        args.gradient_accumulation = args.gradient_accumulation or 1
+        args.total_batch_size = per_step * args.gradient_accumulation
+    elif args.gradient_accumulation is None:
+        if args.total_batch_size % per_step:
+            raise UsageError(
+                f"--total_batch_size {args.total_batch_size} is not divisible by "
+                f"--batch_size {args.batch_size} x {world_size} process(es)"
+            )
+        args.gradient_accumulation = args.total_batch_size // per_step
+    if args.gradient_accumulation * per_step != args.total_batch_size:
+        raise UsageError(
+            f"--gradient_accumulation {args.gradient_accumulation} x --batch_size {args.batch_size} x "
+            f"{world_size} process(es) != --total_batch_size {args.total_batch_size}"
+        )
+    if args.max_train_tokens is not None:
+        args.num_training_steps = args.max_train_tokens // (args.total_batch_size * args.max_length)
+        if args.num_training_steps < 1:
+            raise UsageError(f"--max_train_tokens {args.max_train_tokens} is less than one step")
+
+    dtype = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    if args.dtype not in dtype:
+        raise UsageError(f"--dtype {args.dtype!r}: use bfloat16 or float32 (float16 is not supported)")
+    if args.autocast and dtype[args.dtype] == "bfloat16":
+        raise UsageError("--autocast keeps float32 master weights: drop --dtype bfloat16")
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args.dtype = dtype[args.dtype] or ("bfloat16" if cuda_bf16 and not args.autocast else "float32")
+    limit = args.model["max_position_embeddings"]
+    if args.max_length > limit:
+        raise UsageError(f"--max_length {args.max_length} exceeds the model's max_position_embeddings {limit}")
+
+    if args.single_gpu and world_size > 1:
+        raise UsageError(f"--single_gpu with {world_size} processes: each would train its own copy")
+    if args.per_layer and world_size > 1:
+        raise UsageError("per-layer optimizers step inside backward, before DDP's all-reduce: use one process")
+    if args.eval_dataset is None:
+        if args.dataset != "allenai/c4" and (os.path.exists(args.dataset) or "/" not in args.dataset):
+            raise UsageError("--eval_dataset is required with a local --dataset")
+        args.eval_dataset = args.dataset  # the Hub dataset's validation split
+    args.save_dir = args.save_dir or f"checkpoints/{Path(args.model_config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.log_dir = args.log_dir or args.save_dir
+    args.world_size = world_size
+    return args
+
+
+def check_resume(args) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to this run's model."""
+    if args.continue_from is None:
+        return None
+    try:
+        path = checkpoint.find(args.continue_from)
+        meta = checkpoint.read_meta(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    mine = models.architecture(args.model)
+    theirs = meta.get("model", {})
+    diff = [f"{k} {theirs.get(k)} (checkpoint) vs {v}" for k, v in mine.items() if theirs.get(k) != v]
+    if diff:
+        raise UsageError(f"--continue_from {path} belongs to another model: {'; '.join(diff)}")
+    for key in ("optimizer", "proj_type", "world_size", "packing"):
+        if key in meta and meta[key] != run_identity(args)[key]:
+            raise UsageError(f"--continue_from {path}: {key} {meta[key]!r} there, {run_identity(args)[key]!r} here")
+    return path
+
+
+def run_identity(args) -> dict:
+    """What must not change across a resume (stored in each checkpoint)."""
+    return {
+        "model": models.architecture(args.model),
+        "optimizer": args.optimizer.lower(),
+        "proj_type": args.proj_type.lower() if args.subspace else None,
+        "world_size": args.world_size,
+        "packing": args.packing,
+    }
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lr_lambda(step, *, warmup, total, min_ratio, kind):
+    """Linear warmup from 0, then cosine (or linear) decay to ``min_ratio`` at ``total``
+    (the seed's schedule; step 0 of a warmup has lr 0, as there)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+class Dist:
+    """Rank, world size and device, with collectives that are no-ops in one process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        self.main = self.rank == 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def sum(self, values) -> list:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+
+def token_loss_sum(model, batch, device):
+    """Sum of next-token cross-entropy over the batch's labelled tokens (fp32 logits)."""
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    # No attention mask: padding is on the right, so causal attention never lets a real
+    # token see a pad, and pad positions carry no loss; this keeps SDPA's causal kernel.
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, args, dist, tokenizer, eval_source, precision):
+    """Token-weighted mean loss over about ``--eval_tokens`` non-pad tokens of the eval set
+    (each rank reads its share), and its perplexity."""
+    docs = Documents(eval_source, dist.rank, dist.world, epochs=1, name="eval dataset")
+    batches = TokenBatches(docs, tokenizer, args.batch_size, args.max_length, args.model["vocab_size"], args.packing)
+    loss, predicted, seen = 0.0, 0, 0
+    model.eval()
+    for batch in batches:
+        if seen * dist.world >= args.eval_tokens:
+            break
+        with precision():
+            loss += token_loss_sum(model, batch, dist.device).item()
+        n_input, n_pred = count_tokens(batch)
+        seen, predicted = seen + n_input, predicted + n_pred
+    model.train()
+    loss, predicted, seen = dist.sum([loss, predicted, seen])
+    mean = loss / max(predicted, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(seen)}
+
+
+def train(args, dist, tokenizer, train_source, eval_source, resume_path, log):
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    config = models.model_config(args.model_config)
+    model = LlamaForCausalLM(config)
+    if args.activation_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.to(device=dist.device, dtype=getattr(torch, args.dtype))
+    try:
+        optimizer = cli_options.build_optimizer(model, args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    schedule = partial(
+        lr_lambda,
+        warmup=args.warmup_steps,
+        total=args.num_training_steps,
+        min_ratio=args.min_lr_ratio,
+        kind=args.scheduler,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    docs = Documents(train_source, dist.rank, dist.world, name="dataset")
+    batches = TokenBatches(docs, tokenizer, args.batch_size, args.max_length, config.vocab_size, args.packing)
+
+    step, tokens = 0, 0
+    if resume_path is not None:
+        state, data_states = checkpoint.load(resume_path, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens = state["step"], state["tokens"]
+        checkpoint.set_rng_state(state["rng"][dist.rank])
+        batches.load_state_dict(data_states[dist.rank])
+    ddp = None
+    if dist.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    forward = ddp or model
+    precision = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=args.autocast)
+    metrics = MetricsLog(args.log_dir, resume_step=step) if dist.main else None
+    wandb = _wandb(args) if dist.main and args.wandb else None
+
+    def record(entry):
+        if dist.main:
+            metrics.write(entry)
+            if wandb:
+                wandb.log(entry, step=entry["step"])
+
+    def save():
+        meta = {"step": step, **run_identity(args), "run": args.name}
+        trainer_state = {"step": step, "tokens": tokens, "scheduler": scheduler.state_dict()}
+        rng = dist.gather(checkpoint.rng_state())
+        data_states = dist.gather(batches.state_dict())
+        if dist.main:
+            trainer_state["rng"] = rng
+            path = checkpoint.save(
+                Path(args.save_dir) / f"model_{step}",
+                model,
+                optimizer,
+                trainer_state,
+                data_states,
+                meta,
+                args.keep_checkpoints,
+            )
+            log(f"saved {path}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.num_training_steps, initial=step, desc="steps", disable=None if dist.main else True)
+    stream = iter(batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    while step < args.num_training_steps:
+        start = time.perf_counter()
+        micro = [next(stream) for _ in range(args.gradient_accumulation)]
+        counts = [count_tokens(b) for b in micro]
+        step_input, step_pred = dist.sum([sum(c[0] for c in counts), sum(c[1] for c in counts)])
+        # Each rank's sum of token losses / all ranks' token count, times world size because
+        # DDP averages gradients over ranks: the gradient is that of the global token mean.
+        norm = dist.world / max(step_pred, 1)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+            with sync:
+                with precision():
+                    loss = token_loss_sum(forward, batch, dist.device)
+                (loss * norm).backward()
+            loss_sum += loss.item()
+        entry = {"step": step + 1, "loss": dist.sum([loss_sum])[0] / max(step_pred, 1)}
+        entry["lr"] = optimizer.param_groups[0]["lr"]
+        if args.grad_clipping and not args.per_layer:  # per-layer clips inside backward
+            entry["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clipping).item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, tokens = step + 1, tokens + int(step_input)
+        entry.update(tokens=tokens, tokens_per_s=step_input / (time.perf_counter() - start))
+        record(entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        if step % args.log_every == 0 or step == args.num_training_steps:
+            log(
+                f"step {step}/{args.num_training_steps} loss {entry['loss']:.4f} lr {entry['lr']:.3g} "
+                f"tokens {tokens} tok/s {entry['tokens_per_s']:.0f}"
+            )
+        if step % args.eval_every == 0 or step == args.num_training_steps:
+            result = {"step": step, **evaluate(model, args, dist, tokenizer, eval_source, precision)}
+            record(result)
+            log(
+                f"eval step {step}: loss {result['eval_loss']:.4f} ppl {result['eval_ppl']:.2f} "
+                f"({result['eval_tokens']} tokens)"
+            )
+        if step % args.save_every == 0 or step == args.num_training_steps:
+            save()
+    bar.close()
+    if wandb:
+        wandb.finish()
+    return model, optimizer
+
+
+def _wandb(args):
+    import wandb
+
+    wandb.init(project="osd", name=args.name, tags=args.tags.split(",") if args.tags else None, config=args.resolved)
+    return wandb
+
+
+def versions() -> dict:
+    import datasets
+    import transformers
+
+    import osd
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "osd": osd.__version__,
+    }
+
+
+def prepare(argv, dist):
+    """Everything that can fail on bad input, before anything is written."""
+    args = resolve(parse_args(argv), dist.world)
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--wandb needs the wandb package (pip install wandb)") from None
+    resume_path = check_resume(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    train_source = open_source(args.dataset, "train")
+    eval_source = open_source(args.eval_dataset, "validation")
+    for source, name in ((train_source, "dataset"), (eval_source, "eval dataset")):
+        docs = Documents(source, dist.rank, dist.world, epochs=1, name=name)
+        # The first batch proves the data readable, non-empty and within the model's vocab.
+        next(iter(TokenBatches(docs, tokenizer, 1, args.max_length, args.model["vocab_size"], args.packing)))
+    return args, tokenizer, train_source, eval_source, resume_path
+
+
+def run(argv, dist=None):
+    """Train as ``argv`` asks; return (model, optimizer). The process group stays up."""
+    dist = dist or Dist()
+    args, tokenizer, train_source, eval_source, resume_path = prepare(argv, dist)
+    dist.start()
+    log = print if dist.main else (lambda *a, **k: None)
+    resolved = {k: v for k, v in vars(args).items() if k != "model"}
+    resolved.update(model=args.model, versions=versions(), device=str(dist.device))
+    args.resolved = resolved
+    if dist.main:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.log_dir) / "run_config.json").write_text(json.dumps(resolved, indent=2))
+        log(json.dumps(resolved, indent=2))
+        log(f"world size {dist.world}, device {dist.device}, resume from {resume_path}")
+    return train(args, dist, tokenizer, train_source, eval_source, resume_path, log)
+
+
+def _quiet():
+    """Keep stderr to what a user must read: one-line warnings, no library chatter."""
+    warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
+    _quiet()
+    try:
+        run(argv)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 0
+    except (UsageError, DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
