@@ -134,17 +134,20 @@ PROJ_OPTIMIZERS: dict[str, tuple[Rule, Storage, float]] = {
 }
 
 
-def pca_grad(basis: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None = None, orth_reg: float = 0.0):
-    """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B.
-    ``c`` may pass in ``B^T X`` when the caller already has it."""
+def pca_grad(basis: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None = None, orth_reg: float = 0.0, x_scale=1.0):
+    """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B,
+    for ``X = x_scale * x`` (so a normalised gradient needs no m x n copy). ``c`` may pass
+    in ``B^T X`` when the caller already has it."""
     if c is None:
-        c = basis.mT @ x
-    y = x @ c.mT
+        c = (basis.mT @ x).mul_(x_scale)
+    y = (x @ c.mT).mul_(x_scale)  # X C^T
     gram = basis.mT @ basis
-    grad = basis @ (c @ c.mT) + y @ gram - 2 * y
+    gram.diagonal().sub_(2)
+    # 2 (B C C^T + X C^T (B^T B - 2 I))
+    grad = (basis @ (c @ c.mT)).addmm_(y, gram)
     grad.mul_(2)
     if orth_reg:
-        gram.diagonal().sub_(1)
+        gram.diagonal().add_(1)
         grad.add_(basis @ gram, alpha=4 * orth_reg)
     return grad
 
@@ -188,7 +191,7 @@ class OnlinePCA:
             c = None
             if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
                 c = (projected if key == ROWS else projected.mT) / norm
-            grad = pca_grad(basis, x / norm, c, self.orth_reg)
+            grad = pca_grad(basis, x, c, self.orth_reg, x_scale=1 / norm)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             # a new tensor, not in place: the optimizer detects a moved basis by identity
