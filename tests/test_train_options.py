@@ -79,6 +79,35 @@ def test_every_proj_type_maps_to_group_options(model):
         assert "lm_head.weight" in plain["param_names"]
 
 
+def test_transport_and_retract_every_reach_the_subspace_group(model):
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1"])
+    assert (args.transport, args.retract_every) == (False, 0)  # off unless asked for
+    _, sub = build(model, "galore_adamw", "continuous").param_groups
+    assert (sub["transport"], sub["retract_every"]) == (False, 0)
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--transport", "--retract_every", "10"])
+    _, sub = build(model, "galore_adamw", "continuous", transport=args.transport, retract_every=10).param_groups
+    assert (sub["transport"], sub["retract_every"]) == (True, 10)
+    _, sub = build(model, "galore_adamw", "std", transport=True).param_groups
+    assert sub["transport"] is True and sub["projector"] == "svd"
+
+
+def test_build_optimizer_hook_replaces_the_cli_optimizer(fx, tmp_path):
+    import torch
+
+    seen = {}
+
+    def factory(model, args):
+        seen["args"] = args
+        return torch.optim.SGD(model.parameters(), lr=args.lr)
+
+    model, optimizer = train.run(
+        base_args(fx, tmp_path / "run", optimizer="adamw", num_training_steps=2, lr=0.05), build_optimizer=factory
+    )
+    assert type(optimizer) is torch.optim.SGD and seen["args"].lr == 0.05
+    lrs = [json.loads(line).get("lr") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None] == [0.0, 0.025]  # the trainer's warmup drives it
+
+
 @pytest.mark.parametrize("name", cli_options.optimizer_names())
 def test_every_optimizer_name_builds_its_osd_class(model, name):
     choice = cli_options.parse_optimizer(name)
@@ -100,6 +129,30 @@ def test_every_optimizer_name_builds_its_osd_class(model, name):
         "sgd": "SGD",
     }
     assert choice.class_name == expected[name.removeprefix("galore_").removesuffix("_per_layer")]
+
+
+def test_per_layer_grad_clipping_clips_each_parameter_on_its_own(model):
+    """--grad_clipping with a *_per_layer optimizer is osd.Layerwise(max_grad_norm=...):
+    each gradient is scaled to norm <= the limit by itself (a global norm would need all
+    gradients at once). With SGD (no momentum) at lr 1 a parameter moves by its clipped
+    gradient, so each one moves by min(its gradient norm, limit)."""
+    import copy
+
+    import torch
+
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    norms = {n: p.grad.norm().item() for n, p in reference.named_parameters()}
+    limit = sorted(norms.values())[len(norms) // 2]  # about half the parameters get clipped
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build(model, "sgd_per_layer", grad_clipping=limit, lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()  # the updates happen here
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = (p.detach() - before[n]).norm().item()
+        assert moved == pytest.approx(min(norms[n], limit), rel=1e-4), n
+    assert sum(norms[n] > limit for n in norms) >= len(norms) // 3
 
 
 def test_seed_optimizer_names_are_accepted():

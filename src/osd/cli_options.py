@@ -105,6 +105,10 @@ def build_optimizer(model, args):
         options.update(update_gap=args.update_proj_gap, scale=args.galore_scale, proj_lr=args.proj_lr)
         if args.orth_reg:
             options["orth_reg"] = args.orth_reg
+        if args.transport:
+            options["transport"] = True
+        if args.retract_every:
+            options["retract_every"] = args.retract_every
         groups = osd.param_groups(model, args.rank, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

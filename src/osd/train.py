@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="accepted; data is read in the main process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="test")
-    p.add_argument("--grad_clipping", type=float, default=0.0, help="max global grad norm, 0: off")
+    p.add_argument(
+        "--grad_clipping", type=float, default=0.0, help="max global grad norm (*_per_layer: each parameter's), 0: off"
+    )
     p.add_argument("--beta1", type=float, default=0.0, help="adafactor's first-moment beta (0: none)")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--update_proj_gap", type=int, default=50)
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--autocast", help="fp32 master weights, forward/backward under bf16 autocast")
     p.add_argument("--proj_lr", type=float, help="online PCA: fixed P lr (default (1/gap) * lr_t/lr_0)")
     p.add_argument("--orth_reg", type=float, default=0.0, help="online PCA: orthogonality penalty (paper: 0.1)")
+    flag("--transport", help="subspace groups: carry the moments into the new basis when it moves")
+    p.add_argument("--retract_every", type=int, default=0, help="online PCA: QR-retract P every k steps (0: never)")
     p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
@@ -345,7 +349,7 @@ def evaluate(model, args, dist, tokenizer, eval_source, precision):
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(seen)}
 
 
-def train(args, dist, tokenizer, train_source, eval_source, resume_path, log):
+def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, build_optimizer=None):
     import transformers
     from transformers import LlamaForCausalLM
 
@@ -361,7 +365,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log):
         enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
     model.to(device=dist.device, dtype=getattr(torch, args.dtype))
     try:
-        optimizer = cli_options.build_optimizer(model, args)
+        optimizer = (build_optimizer or cli_options.build_optimizer)(model, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     schedule = partial(
@@ -509,8 +513,11 @@ def prepare(argv, dist):
     return args, tokenizer, train_source, eval_source, resume_path
 
 
-def run(argv, dist=None):
-    """Train as ``argv`` asks; return (model, optimizer). The process group stays up."""
+def run(argv, dist=None, build_optimizer=None):
+    """Train as ``argv`` asks; return (model, optimizer). The process group stays up.
+
+    ``build_optimizer(model, args)``, when given, replaces :func:`osd.cli_options.build_optimizer`
+    (benchmarks use it for optimizers outside osd); ``--optimizer`` is then only recorded."""
     dist = dist or Dist()
     args, tokenizer, train_source, eval_source, resume_path = prepare(argv, dist)
     dist.start()
@@ -523,7 +530,7 @@ def run(argv, dist=None):
         (Path(args.log_dir) / "run_config.json").write_text(json.dumps(resolved, indent=2))
         log(json.dumps(resolved, indent=2))
         log(f"world size {dist.world}, device {dist.device}, resume from {resume_path}")
-    return train(args, dist, tokenizer, train_source, eval_source, resume_path, log)
+    return train(args, dist, tokenizer, train_source, eval_source, resume_path, log, build_optimizer)
 
 
 def _quiet():
