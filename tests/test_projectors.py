@@ -161,12 +161,40 @@ def test_transport_rotation_within_span(side):
     v_before = state["exp_avg_sq"].clone()
     projectors.transport(state, old, osd.rules.Adam.moments, osd.storage.FP32)
     torch.testing.assert_close(projectors.project_back(state["exp_avg"], state), full_before, atol=1e-5, rtol=1e-5)
-    expected_v = v_before
+    expected_v = v_before.sqrt()
     if projectors.ROWS in rot:
-        expected_v = rot[projectors.ROWS].T.square() @ expected_v
+        expected_v = rot[projectors.ROWS].T.abs() @ expected_v
     if projectors.COLS in rot:
-        expected_v = expected_v @ rot[projectors.COLS].square()
-    torch.testing.assert_close(state["exp_avg_sq"], expected_v)
+        expected_v = expected_v @ rot[projectors.COLS].abs()
+    torch.testing.assert_close(state["exp_avg_sq"], expected_v.square())
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_transport_never_raises_the_adam_ratio(side):
+    """Whatever the new basis, max |M| / sqrt(V) does not grow (the variance rule (Q*Q) V
+    lets it grow up to sqrt(r)-fold per move, which diverged in training), V never shrinks
+    below the variance rule, and an unchanged basis leaves the moments alone."""
+    m, n, r = 12, 10, 4
+    gen = torch.Generator().manual_seed(0)
+    old, new = {}, {}
+    for key, on, d in ((projectors.ROWS, side in ("left", "both"), m), (projectors.COLS, side in ("right", "both"), n)):
+        if on:
+            old[key] = torch.linalg.qr(torch.randn(d, r, generator=gen))[0]
+            new[key] = old[key] + 0.5 * torch.randn(d, r, generator=gen)  # not orthonormal, as online PCA's
+    shape = projectors.project(torch.zeros(m, n), old).shape
+    v = torch.rand(shape, generator=gen) + 0.1
+    exp_avg = v.sqrt() * torch.sign(torch.randn(shape, generator=gen))  # ratio exactly 1 everywhere
+    state = {**new, "exp_avg": exp_avg.clone(), "exp_avg_sq": v.clone()}
+    projectors.transport(state, old, osd.rules.Adam.moments, osd.storage.FP32)
+    assert (state["exp_avg"].abs() / state["exp_avg_sq"].sqrt()).max() <= 1 + 1e-5
+    variance_rule = v
+    for key, b in new.items():
+        q2 = (b.T @ old[key]).square()
+        variance_rule = q2 @ variance_rule if key == projectors.ROWS else variance_rule @ q2.T
+    assert (state["exp_avg_sq"] >= variance_rule * (1 - 1e-5)).all()
+    same = {**old, "exp_avg": exp_avg.clone(), "exp_avg_sq": v.clone()}
+    projectors.transport(same, dict(old), osd.rules.Adam.moments, osd.storage.FP32)
+    assert torch.equal(same["exp_avg"], exp_avg) and torch.equal(same["exp_avg_sq"], v)
 
 
 def test_transport_off_by_default_and_changes_trajectory():

@@ -281,10 +281,14 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
     """Carry subspace moments from the bases in ``old`` to the current ones.
 
     Coordinates in a basis are ``c = B^T g``, so with ``Q = B_new^T B_old`` (r x r) a first
-    moment maps as ``M <- Q M`` (left side; ``M Q^T`` on the right). A second moment of
-    coordinates is a variance: ignoring the cross-covariances that Adam does not keep,
-    ``V <- (Q*Q) V``. Without transport (GaLore, the OSD reference) the old coordinates are
-    reused as if they were coordinates in the new basis."""
+    moment maps as ``M <- Q M`` (left side; ``M Q^T`` on the right). A second moment is
+    carried as a scale: ``V <- (|Q| sqrt(V))^2``, the bound on the new coordinates that the
+    triangle inequality gives. It never raises the largest ratio ``|M| / sqrt(V)`` (so moving
+    the basis cannot enlarge Adam's update), is exact for permutations and sign flips,
+    and is never smaller than the variance rule ``(Q*Q) V``, which drops the cross-covariances
+    and, applied at every online-PCA step, inflated ``M / sqrt(V)`` until training diverged
+    (bench/quality.py, llama_9m). Without transport (GaLore, the OSD reference) the old
+    coordinates are reused as if they were coordinates in the new basis."""
     rotations = {k: state[k].mT @ b for k, b in old.items() if state[k] is not b}
     if not rotations:
         return
@@ -293,10 +297,12 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
         if name not in state:  # e.g. Adafactor without beta1
             continue
         value = storage.load(state[name])
+        if name in second:
+            value = value.sqrt()
         for key, q in rotations.items():
-            q = q.square() if name in second else q
+            q = q.abs() if name in second else q
             value = q @ value if key == ROWS else value @ q.mT
-        storage.store(state[name], value)
+        storage.store(state[name], value.square() if name in second else value)
 
 
 def effective_rank(rank: int, m: int, n: int, sides: tuple[bool, bool]) -> int:
