@@ -58,6 +58,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -456,7 +457,12 @@ def markdown(summary) -> str:
         "Eval loss: token-weighted mean on the C4 validation sample; +- is half the min-max range over seeds. "
         "State, matrices: optimizer state of the attention and MLP weights (what the subspace methods project); "
         "state, all: everything, including the embeddings and output head, which dominate at this size. "
-        "Step time: median wall time per step divided by AdamW's, same seed, same invocation.",
+        "Step time: median wall time per step divided by AdamW's, same seed, same invocation"
+        + (
+            f" (here {summary['environment']['jobs']} runs shared the machine at once: the ratios are noise)."
+            if summary["environment"].get("jobs", 1) > 1
+            else "."
+        ),
         "",
         "| method | rank | lr | eval loss | eval ppl | state, matrices (MiB) | state, all (MiB) | step time vs AdamW |",
         "|---|---|---|---|---|---|---|---|",
@@ -597,6 +603,13 @@ def parse_args(argv=None):
     p.add_argument("--update_proj_gap", type=int, help="SVD/random refresh gap (overrides the preset)")
     p.add_argument("--threads", type=int, help="torch threads (default: quick 1, default torch's choice)")
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (for a GPU; step-time ratios are then not comparable)",
+    )
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: train every N-th run from K, no report
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset], preset=args.preset)
     for key in ("model_config", "max_length", "batch_size", "num_training_steps", "eval_every", "eval_tokens"):
@@ -620,6 +633,11 @@ def parse_args(argv=None):
         p.error(
             f"{', '.join(missing)} need(s) {', '.join(sorted({NEEDS[k] for k in missing}))}: pip install '.[bench]'"
         )
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        args.shard = (k, n)
     args.cfg, args.method_list = cfg, [BY_KEY[k] for k in keys]
     args.out = Path(args.out or ROOT / OUT_DEFAULT[args.preset])
     return args
@@ -629,8 +647,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     cfg, methods, out = args.cfg, args.method_list, args.out
+    if args.jobs > 1 and not args.dry_run:
+        _run_shards(argv, args.jobs)
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -638,6 +659,15 @@ def main(argv=None) -> int:
         return _run_all(args, cfg, methods, out)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_shards(argv: list[str], jobs: int) -> None:
+    """Train every run in ``jobs`` processes at once; the caller then reports (all reused)."""
+    base = [sys.executable, str(Path(__file__).resolve()), *argv]
+    procs = [subprocess.Popen([*base, "--jobs", "1", "--shard", f"{k}/{jobs}"]) for k in range(jobs)]
+    failed = [p.args[-1] for p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"quality.py: shard(s) {', '.join(failed)} failed; rerun to continue")
 
 
 def _run_all(args, cfg, methods, out: Path) -> int:
@@ -650,6 +680,8 @@ def _run_all(args, cfg, methods, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, times = [], []
     for i, (m, rank, seed, lr) in enumerate(runs):
+        if args.shard and i % args.shard[1] != args.shard[0]:
+            continue
         spec = run_spec(m, rank, seed, lr, cfg)
         name = run_id(spec)
         run_dir = out / "runs" / name
@@ -668,6 +700,8 @@ def _run_all(args, cfg, methods, out: Path) -> int:
                 flush=True,
             )
         results.append(result)
+    if args.shard:
+        return 0
     rows = aggregate(cfg, methods, results)
     tokens = results[0]["tokens"] if results else 0
     summary = dict(
@@ -686,7 +720,8 @@ def _run_all(args, cfg, methods, out: Path) -> int:
             torch=torch.__version__,
             threads=torch.get_num_threads(),
             cpu=platform.processor() or platform.machine(),
-            cuda=torch.cuda.is_available(),
+            cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else False,
+            jobs=args.jobs,
         ),
         rows=rows,
         winners=winners(rows),

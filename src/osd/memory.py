@@ -1,0 +1,460 @@
+"""Memory estimator for training a LLaMA decoder with full-rank or subspace optimizers.
+
+``estimate(config, optimizer=...)`` returns the bytes a training step holds, by kind:
+
+* **weights**: every parameter in ``dtype``.
+* **gradients**: one per parameter in ``dtype``; with ``per_layer=True`` (each parameter is
+  updated in its post-accumulate-grad hook and its gradient freed at once) only the largest
+  single parameter's gradient is counted, since at most about one is alive at a time.
+* **optimizer state**, following what ``osd.AdamW`` / ``osd.AdamW8bit`` allocate:
+
+  - full-rank AdamW: two moments per parameter in the parameter's dtype (as
+    ``torch.optim.AdamW`` and osd's plain groups do);
+  - 8-bit: one byte per element plus one fp32 scale per block of 256 (torchao's
+    ``OptimState8bit``); a tensor under 4096 elements, or whose size is not a multiple of
+    256, stays fp32 (4 bytes per element);
+  - subspace (GaLore / OSD) for each targeted matrix W (m x n) at rank r, fp32:
+    ``2 max(m,n) r`` moments (8-bit when ``eight_bit``) + ``min(m,n) r`` basis, plus for OSD
+    the basis' own optimizer state (``adamw``: ``2 min(m,n) r``). r is clamped to
+    ``min(m,n)`` as the optimizer does. Targeted matrices are the attention (q, k, v, o) and
+    MLP (gate, up, down) projections: the 2-D weights of ``nn.Linear`` modules whose name
+    contains "attn" or "mlp" (``osd.param_groups``). Embeddings, norms and the output head
+    keep the plain rule.
+
+* **activations**: what autograd saves in the forward pass of Hugging Face's
+  ``LlamaForCausalLM`` (SDPA attention, no dropout, no padding mask), plus the logits and
+  the loss's fp32 gradient buffers at the start of backward. Per token, with e = bytes of
+  ``dtype``, h hidden, i intermediate, a heads, k key/value heads, d head dim, V vocab::
+
+      decoder layer   2 RMSNorms   2 (4h + 2eh + 4)      fp32 input copy, normed x, output, rsqrt
+                      attention    e (2ad + 2kd) + 4a    q, k (after RoPE), v, SDPA output, fp32 logsumexp
+                      MLP          4ei                   gate, silu(gate), up, silu(gate)*up
+      head            final norm   4h + 2eh + 4
+                      logits       eV + 4V               logits (held by the model output), fp32 log-softmax
+                      loss buffers 8V                    fp32 grads of log-probs and logits (first backward op)
+                      token ids    16                    int64 input ids and shifted labels
+
+  plus RoPE's cos/sin (2 s d e per sequence, shared by all layers). With activation
+  checkpointing each layer keeps only its input (eh per token) and one layer's activations
+  are recomputed at a time during backward: ``L eh + one layer + head``.
+  tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
+
+* **total**: the estimated peak, ``weights + optimizer state + max(gradients,
+  activations)``. Backward frees a layer's saved activations as it creates that layer's
+  gradients; for a stack of identical layers the live memory moves almost linearly from
+  "all activations" (start of backward) to "all gradients" (optimizer step), so the peak
+  is at one end. With ``per_layer`` the one live gradient can coexist with all activations
+  (the output head's gradient is made first), so they add. Not counted: step temporaries
+  (a few copies of the largest parameter while it is updated; 8-bit state is dequantized
+  one tensor at a time), kernel workspaces, the CUDA context and allocator fragmentation.
+  ``sum`` (every row added) is an upper bound on the tensors alive.
+
+Needs no transformers and allocates nothing: the sizes come from ``osd.models.SIZES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+from osd.models import SIZES
+
+VOCAB_SIZE = 32000
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "osd")
+PROJ_OPTIMIZERS = ("adamw", "adam8bit", "lion", "adafactor", "sgd")
+TARGET_MODULES = ("attn", "mlp")
+
+# torchao OptimState8bit layout, as used by osd.storage.Blockwise8bit
+BLOCK_SIZE = 256
+MIN_8BIT_NUMEL = 4096
+GB = 1e9
+
+# Temporaries of one parameter's update (m x n, rank r): per_element * m n + per_rank *
+# max(m, n) r bytes, per_element for (fp32, 16-bit) parameters. Fitted to measurements with
+# the tracker of tests/test_memory.py on osd.AdamW / AdamW8bit in steady state: plain AdamW
+# holds sqrt(v) and a quotient in the state dtype; 8-bit dequantises m and v to fp32 (and
+# copies a 16-bit gradient to fp32); subspace steps hold an fp32 gradient copy and the
+# full-size fp32 update (plus its cast for 16-bit weights), OSD also the normalised gradient
+# for the basis step. They follow the implementation, not the algorithm.
+STEP_TEMPORARIES = {  # kind: ((per_element fp32, per_element 16-bit), per_rank)
+    "adamw": ((8, 4), 0),
+    "adamw8bit": ((16, 20), 0),
+    "galore": ((4, 10), 8),
+    "osd": ((8, 12), 16),
+}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    vocab: int = VOCAB_SIZE
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    tied: bool = False
+    name: str = ""
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # as in transformers' LlamaForCausalLM
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def targeted(self) -> bool:  # osd.param_groups' rule
+        return len(self.shape) == 2 and any(t in self.name for t in TARGET_MODULES)
+
+
+def model_shape(model: str | os.PathLike | dict | LlamaShape) -> LlamaShape:
+    """A LLaMA size name (``llama_60m``, ``60m``), a path to a HF config JSON, or a config dict."""
+    if isinstance(model, LlamaShape):
+        return model
+    if isinstance(model, dict):
+        return _from_config(model, "config")
+    text = str(model)
+    key = text.lower().replace("-", "_")
+    key = key if key.startswith("llama_") else "llama_" + key
+    if key in SIZES:
+        size = SIZES[key]
+        return LlamaShape(
+            size.hidden_size,
+            size.intermediate_size,
+            size.num_attention_heads,
+            size.num_hidden_layers,
+            vocab=size.vocab_size,
+            name=key,
+        )
+    if os.path.isfile(text):
+        try:
+            with open(text) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read model config {text}: {e}") from e
+        return _from_config(config, text)
+    names = ", ".join(SIZES)
+    raise ValueError(f"unknown model {text!r}: give a LLaMA size ({names}) or a path to a config JSON")
+
+
+def _from_config(config: dict, where: str) -> LlamaShape:
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(missing)}")
+    values = [config[k] for k in keys]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{where}: {', '.join(keys)} must be positive integers")
+    return LlamaShape(
+        *values[:4],
+        vocab=values[4],
+        kv_heads=config.get("num_key_value_heads"),
+        head_dim=config.get("head_dim"),
+        tied=bool(config.get("tie_word_embeddings", False)),
+        name=str(config.get("_name_or_path") or where),
+    )
+
+
+def llama_parameters(shape: LlamaShape) -> list[Param]:
+    """The parameters of ``LlamaForCausalLM`` (no biases), in ``named_parameters`` order."""
+    h, i, d = shape.hidden, shape.intermediate, shape.dim
+    params = [Param("model.embed_tokens.weight", (shape.vocab, h))]
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        params += [
+            Param(p + "self_attn.q_proj.weight", (shape.heads * d, h)),
+            Param(p + "self_attn.k_proj.weight", (shape.kv * d, h)),
+            Param(p + "self_attn.v_proj.weight", (shape.kv * d, h)),
+            Param(p + "self_attn.o_proj.weight", (h, shape.heads * d)),
+            Param(p + "mlp.gate_proj.weight", (i, h)),
+            Param(p + "mlp.up_proj.weight", (i, h)),
+            Param(p + "mlp.down_proj.weight", (h, i)),
+            Param(p + "input_layernorm.weight", (h,)),
+            Param(p + "post_attention_layernorm.weight", (h,)),
+        ]
+    params.append(Param("model.norm.weight", (h,)))
+    if not shape.tied:
+        params.append(Param("lm_head.weight", (shape.vocab, h)))
+    return params
+
+
+def state_tensor_bytes(numel: int, eight_bit: bool, dtype_bytes: int = 4) -> int:
+    """Bytes of one optimizer-state tensor (a moment) of ``numel`` elements."""
+    if not eight_bit:
+        return numel * dtype_bytes
+    if numel < MIN_8BIT_NUMEL or numel % BLOCK_SIZE:
+        return numel * 4  # osd.storage keeps these fp32
+    return numel + 4 * (numel // BLOCK_SIZE)  # uint8 codes + one fp32 scale per block
+
+
+def _proj_optimizer_bytes(name: str, rows: int, cols: int) -> int:
+    """State of the online-PCA basis optimizer for a rows x cols fp32 basis."""
+    numel = rows * cols
+    if name == "adamw":
+        return 2 * numel * 4
+    if name == "adam8bit":
+        return 2 * state_tensor_bytes(numel, True)
+    if name == "lion":
+        return numel * 4
+    if name == "adafactor":  # factored second moment: one row and one column vector
+        return (rows + cols) * 4
+    return 0  # sgd
+
+
+@dataclass
+class Estimate:
+    """Bytes by kind; ``total`` is the estimated peak (see the module docstring)."""
+
+    model: str
+    optimizer: str
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    step_temporaries: int
+    total: int
+    # sub-rows: (label, bytes), shown indented under their kind
+    details: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sum(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations + self.step_temporaries
+
+    def rows(self) -> list[tuple[str, int]]:
+        out = []
+        for key in ("weights", "gradients", "optimizer_state", "activations", "step_temporaries"):
+            out.append((key.replace("_", " "), getattr(self, key)))
+            out += [("  " + label, value) for label, value in self.details.get(key, [])]
+        out.append(("total (peak estimate)", self.total))
+        out.append(("sum of all rows (upper bound)", self.sum))
+        return out
+
+    def table(self) -> str:
+        rows = self.rows()
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{self.model}, {self.optimizer}", f"{'':{width}}  {'GB':>9}  {'bytes':>16}"]
+        lines += [f"{label:{width}}  {value / GB:9.2f}  {value:16,d}" for label, value in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def estimate(
+    config,
+    optimizer: str = "adamw",
+    rank: int | None = None,
+    eight_bit: bool = False,
+    per_layer: bool = False,
+    gradient_accumulation: int = 1,
+    dtype: str = "bfloat16",
+    batch_size: int = 1,
+    seq_len: int = 256,
+    activation_checkpointing: bool = False,
+    proj_optimizer: str = "adamw",
+) -> Estimate:
+    """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
+
+    ``config``: a LLaMA size name, a path to a HF config JSON, or a config dict.
+    ``optimizer``: adamw, adamw8bit (= adamw with ``eight_bit``), galore (SVD basis) or osd
+    (online-PCA basis, whose own optimizer is ``proj_optimizer``); galore/osd need ``rank``.
+    """
+    shape = model_shape(config)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
+    if proj_optimizer not in PROJ_OPTIMIZERS:
+        raise ValueError(f"unknown proj_optimizer {proj_optimizer!r}; valid: {', '.join(PROJ_OPTIMIZERS)}")
+    subspace = optimizer in ("galore", "osd")
+    if subspace and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"optimizer {optimizer} needs a positive integer rank, got {rank!r}")
+    if not subspace and rank is not None:
+        raise ValueError(f"rank is only for galore/osd, not {optimizer}")
+    for key, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("gradient_accumulation", gradient_accumulation),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    eight_bit = eight_bit or optimizer == "adamw8bit"
+    e = DTYPE_BYTES[dtype]
+    params = llama_parameters(shape)
+
+    weights = gradients = sum(p.numel for p in params) * e
+
+    # optimizer state
+    plain = moments = bases = basis_opt = 0
+    for p in params:
+        if subspace and p.targeted:
+            m, n = p.shape
+            r = min(rank, m, n)
+            moments += 2 * state_tensor_bytes(max(m, n) * r, eight_bit)
+            bases += min(m, n) * r * 4
+            if optimizer == "osd":
+                basis_opt += _proj_optimizer_bytes(proj_optimizer, min(m, n), r)
+        else:
+            # osd.AdamW8bit keeps plain moments fp32 when they are not quantised
+            plain += 2 * state_tensor_bytes(p.numel, eight_bit, 4 if eight_bit else e)
+    state = plain + moments + bases + basis_opt
+
+    # activations, per token (see the module docstring)
+    h, i, a, k, d, V = shape.hidden, shape.intermediate, shape.heads, shape.kv, shape.dim, shape.vocab
+    tokens = batch_size * seq_len
+    norm = 4 * h + 2 * e * h + 4
+    layer = (2 * norm + e * (2 * a * d + 2 * k * d) + 4 * a + 4 * e * i) * tokens
+    head = (norm + e * V + 4 * V + 16) * tokens
+    rope = 2 * seq_len * d * e
+    decoder = shape.layers * (e * h * tokens if activation_checkpointing else layer)
+    saved = decoder + head + rope
+    # at the start of backward the loss's fp32 buffers; with checkpointing, later, one
+    # recomputed layer (the loss buffers are freed by then)
+    transient = max(8 * V * tokens, layer if activation_checkpointing else 0)
+    activations = saved + transient
+
+    # the update of one parameter allocates temporaries; the largest parameter's set the peak
+    def step(p):
+        if subspace and p.targeted:
+            (per_element, per_rank), r = STEP_TEMPORARIES[optimizer], min(rank, *p.shape)
+            return p.numel * per_element[e != 4] + per_rank * max(p.shape) * r
+        return p.numel * STEP_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][0][e != 4]
+
+    accumulating = gradient_accumulation > 1
+    if per_layer:
+        # each gradient lives only while its parameter is updated, which can happen while
+        # almost all activations are alive: the output head gets its gradient first, once
+        # the loss buffers and the fp32 log-softmax output are freed. Between micro-batches
+        # (accumulation > 1) osd.Layerwise keeps the plain parameters' gradients and an fp32
+        # projected accumulator (max(m,n) x r) per subspace matrix.
+        def kept(p):
+            return max(p.shape) * min(rank, *p.shape) * 4 if subspace and p.targeted else p.numel * e
+
+        held = sum(kept(p) for p in params) if accumulating else 0
+        passing = [p for p in params if not accumulating or (subspace and p.targeted)]
+
+        def passing_grad(p):
+            return p.numel * e if p in passing else 0
+
+        largest = max(params, key=passing_grad)
+        worst = max(params, key=lambda p: passing_grad(p) + step(p))  # the costliest update
+        gradients, temporaries = held + passing_grad(largest), step(worst)
+        total = weights + state + saved + held + max(transient, passing_grad(worst) + temporaries - 4 * V * tokens)
+    else:
+        temporaries = max(step(p) for p in params)
+        if accumulating:  # the gradients of earlier micro-batches stay through the next forward
+            total = weights + state + gradients + max(activations, temporaries)
+        else:
+            total = weights + state + max(activations, gradients + temporaries)
+
+    name = shape.name or "model"
+    label = optimizer + (f" rank {rank}" if subspace else "")
+    if optimizer == "osd":
+        label += f", basis optimizer {proj_optimizer}"
+    if eight_bit and optimizer != "adamw8bit":
+        label += ", 8-bit state"
+    if per_layer:
+        label += ", per-layer updates"
+    if accumulating:
+        label += f", accumulation {gradient_accumulation}"
+    label += f", {dtype}, batch {batch_size} x seq {seq_len}"
+    if activation_checkpointing:
+        label += ", activation checkpointing"
+
+    details = {"optimizer_state": [("plain AdamW (embeddings, norms, head)" if subspace else "AdamW moments", plain)]}
+    if subspace:
+        details["optimizer_state"] += [("subspace moments", moments), ("projection bases", bases)]
+        if optimizer == "osd":
+            details["optimizer_state"].append((f"basis optimizer ({proj_optimizer})", basis_opt))
+    details["activations"] = [
+        ("decoder layers" + (" (layer inputs only)" if activation_checkpointing else ""), decoder),
+        ("head: final norm, logits, log-softmax, ids", head + rope),
+        (
+            "backward transient: "
+            + ("max(loss buffers, 1 layer)" if activation_checkpointing else "fp32 loss buffers"),
+            transient,
+        ),
+    ]
+    notes = []
+    if per_layer:
+        notes.append(
+            f"per-layer updates: one gradient at a time (largest {largest.name}, {'x'.join(map(str, largest.shape))}), "
+            "freed right after its update"
+            + (", plus what waits for the last micro-batch (plain gradients, projected accumulators)" if held else "")
+            + "; total = weights + state + saved activations + that + max(backward transient, "
+            "the passing gradient + step temporaries)"
+        )
+    elif accumulating:
+        notes.append("total = weights + optimizer state + gradients + max(activations, step temporaries)")
+    else:
+        notes.append(
+            "total = weights + optimizer state + max(activations, gradients + step temporaries): "
+            "backward frees activations as it makes gradients"
+        )
+    notes.append("not counted: kernel workspaces, CUDA context, allocator fragmentation")
+    return Estimate(name, label, weights, gradients, state, activations, temporaries, total, details, notes)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like errors from estimate()
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="osd-memory",
+        description="Estimate the memory of training a LLaMA model with a full-rank or subspace optimizer.",
+    )
+    parser.add_argument("--model", required=True, help=f"LLaMA size ({', '.join(SIZES)}) or a HF config JSON")
+    parser.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZERS))
+    parser.add_argument("--rank", type=int, default=None, help="subspace rank (galore, osd)")
+    parser.add_argument("--eight_bit", action="store_true", help="8-bit optimizer moments")
+    parser.add_argument("--per_layer", action="store_true", help="per-layer (in-backward) updates")
+    parser.add_argument("--proj_optimizer", default="adamw", help=f"osd basis optimizer: {', '.join(PROJ_OPTIMIZERS)}")
+    parser.add_argument("--dtype", default="bfloat16", help=", ".join(DTYPE_BYTES))
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--gradient_accumulation", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--activation_checkpointing", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        result = estimate(
+            args.model,
+            optimizer=args.optimizer,
+            rank=args.rank,
+            eight_bit=args.eight_bit,
+            per_layer=args.per_layer,
+            gradient_accumulation=args.gradient_accumulation,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            activation_checkpointing=args.activation_checkpointing,
+            proj_optimizer=args.proj_optimizer,
+        )
+    except ValueError as e:
+        print(f"osd-memory: error: {e}", file=sys.stderr)
+        return 2
+    print(result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
