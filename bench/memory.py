@@ -175,7 +175,7 @@ def measure(size: str, method: Method, rank: int, ckpt: bool, batch_size: int, s
 def rows(args) -> list[dict]:
     out = []
     for size in args.sizes:
-        rank, ckpt = SIZES[size]
+        rank, ckpt = args.ranks[size], SIZES[size][1]
         for method in args.methods:
             if size == "llama_7b" and not method.per_layer:
                 continue  # 7b: only the forms meant for a 24 GB card
@@ -281,6 +281,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(BY_KEY), help="comma-separated (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--rank", type=int, help="one rank for every size (default: the GaLore paper's, 128 ... 1024)")
     p.add_argument("--measure", action="store_true", help="also train a few steps on CUDA and measure")
     p.add_argument("--steps", type=int, default=5, help="measured steps per row (default: %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/memory", help="(default: bench/out/memory)")
@@ -294,6 +295,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(BY_KEY)}")
     args.methods = [BY_KEY[k] for k in keys]
+    args.ranks = {size: (args.rank or rank) for size, (rank, _) in SIZES.items()}
     if args.measure and not torch.cuda.is_available():
         p.error("--measure needs a CUDA device (torch.cuda.max_memory_allocated)")
     if args.steps < 3:
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
     if args.measure:
         args.out.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(results):
-            rank, ckpt = SIZES[r["size"]]
+            rank, ckpt = args.ranks[r["size"]], SIZES[r["size"]][1]
             print(f"[{i + 1}/{len(results)}] {r['size']} {r['method']}", flush=True)
             try:
                 r["measured"] = measure(

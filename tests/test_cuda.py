@@ -23,7 +23,8 @@ def test_cuda_matches_cpu(cls, projector):
             opt.step()
         results.append(w.detach().cpu())
     err = ((results[0] - results[1]).norm() / results[0].norm()).item()
-    assert err < 1e-4, err
+    # Lion's sign(c) turns last-bit differences of near-zero entries into +-lr steps
+    assert err < (1e-3 if cls is osd.Lion else 1e-4), err
 
 
 def test_cuda_bf16_training_step():

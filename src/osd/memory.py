@@ -39,15 +39,20 @@
   are recomputed at a time during backward: ``L eh + one layer + head``.
   tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
 
-* **total**: the estimated peak, ``weights + optimizer state + max(gradients,
-  activations)``. Backward frees a layer's saved activations as it creates that layer's
+* **step temporaries**: what the update of the costliest parameter allocates for a moment
+  (``STEP_TEMPORARIES``; 8-bit state is dequantised one whole tensor at a time).
+
+* **total**: the estimated peak, ``weights + optimizer state + max(activations, gradients +
+  step temporaries)``. Backward frees a layer's saved activations as it creates that layer's
   gradients; for a stack of identical layers the live memory moves almost linearly from
   "all activations" (start of backward) to "all gradients" (optimizer step), so the peak
-  is at one end. With ``per_layer`` the one live gradient can coexist with all activations
-  (the output head's gradient is made first), so they add. Not counted: step temporaries
-  (a few copies of the largest parameter while it is updated; 8-bit state is dequantized
-  one tensor at a time), kernel workspaces, the CUDA context and allocator fragmentation.
-  ``sum`` (every row added) is an upper bound on the tensors alive.
+  is at one end. With ``per_layer`` the output head's gradient and update come first, while
+  all activations and the loss's buffers are alive, so they add. With gradient
+  accumulation the gradients of earlier micro-batches add to the activations. Not counted:
+  kernel workspaces, the CUDA context and allocator fragmentation. ``sum`` (every row
+  added) is an upper bound on the tensors alive. Checked against
+  ``torch.cuda.max_memory_allocated`` on an H100 by ``bench/memory.py --measure`` (the
+  errors are in the README).
 
 Needs no transformers and allocates nothing: the sizes come from ``osd.models.SIZES``.
 """
@@ -76,15 +81,16 @@ MIN_8BIT_NUMEL = 4096
 GB = 1e9
 
 # Temporaries of one parameter's update (m x n, rank r): per_element * m n + per_rank *
-# max(m, n) r bytes, per_element for (fp32, 16-bit) parameters. Fitted to measurements with
-# the tracker of tests/test_memory.py on osd.AdamW / AdamW8bit in steady state: plain AdamW
-# holds sqrt(v) and a quotient in the state dtype; 8-bit dequantises m and v to fp32 (and
-# copies a 16-bit gradient to fp32); subspace steps hold an fp32 gradient copy and the
-# full-size fp32 update (plus its cast for 16-bit weights), OSD also the normalised gradient
-# for the basis step. They follow the implementation, not the algorithm.
+# max(m, n) r bytes, per_element for (fp32, 16-bit) parameters. They follow the
+# implementation, not the algorithm: plain AdamW holds sqrt(v) and a quotient in the state
+# dtype; 8-bit dequantises m and v of the whole tensor to fp32 (and copies a 16-bit gradient
+# to fp32); subspace steps hold an fp32 gradient copy and the full-size fp32 update (plus its
+# cast for 16-bit weights), OSD also the normalised gradient for the basis step. The 8-bit
+# 16-bit figure (31) is fitted to torch.cuda.max_memory_allocated on an H100 (llama_1b,
+# 8-bit AdamW: bench/memory.py --measure); the others follow the code.
 STEP_TEMPORARIES = {  # kind: ((per_element fp32, per_element 16-bit), per_rank)
     "adamw": ((8, 4), 0),
-    "adamw8bit": ((16, 20), 0),
+    "adamw8bit": ((16, 31), 0),
     "galore": ((4, 10), 8),
     "osd": ((8, 12), 16),
 }
@@ -340,8 +346,8 @@ def estimate(
     accumulating = gradient_accumulation > 1
     if per_layer:
         # each gradient lives only while its parameter is updated, which can happen while
-        # almost all activations are alive: the output head gets its gradient first, once
-        # the loss buffers and the fp32 log-softmax output are freed. Between micro-batches
+        # all activations are alive: the output head gets its gradient and its update first,
+        # while the loss's buffers still exist (measured on CUDA). Between micro-batches
         # (accumulation > 1) osd.Layerwise keeps the plain parameters' gradients and an fp32
         # projected accumulator (max(m,n) x r) per subspace matrix.
         def kept(p):
@@ -356,7 +362,7 @@ def estimate(
         largest = max(params, key=passing_grad)
         worst = max(params, key=lambda p: passing_grad(p) + step(p))  # the costliest update
         gradients, temporaries = held + passing_grad(largest), step(worst)
-        total = weights + state + saved + held + max(transient, passing_grad(worst) + temporaries - 4 * V * tokens)
+        total = weights + state + saved + held + transient + passing_grad(worst) + temporaries
     else:
         temporaries = max(step(p) for p in params)
         if accumulating:  # the gradients of earlier micro-batches stay through the next forward
@@ -398,8 +404,7 @@ def estimate(
             f"per-layer updates: one gradient at a time (largest {largest.name}, {'x'.join(map(str, largest.shape))}), "
             "freed right after its update"
             + (", plus what waits for the last micro-batch (plain gradients, projected accumulators)" if held else "")
-            + "; total = weights + state + saved activations + that + max(backward transient, "
-            "the passing gradient + step temporaries)"
+            + "; total = weights + state + activations + that + the passing gradient + step temporaries"
         )
     elif accumulating:
         notes.append("total = weights + optimizer state + gradients + max(activations, step temporaries)")
