@@ -283,6 +283,12 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--rank", type=int, help="one rank for every size (default: the GaLore paper's, 128 ... 1024)")
     p.add_argument("--measure", action="store_true", help="also train a few steps on CUDA and measure")
+    p.add_argument(
+        "--measured",
+        type=Path,
+        action="append",
+        help="results.json of an earlier --measure run: compare its peaks with this estimator (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=5, help="measured steps per row (default: %(default)s)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/memory", help="(default: bench/out/memory)")
     args = p.parse_args(argv)
@@ -303,8 +309,29 @@ def parse_args(argv=None):
     return args
 
 
+def stored(paths: list[Path]) -> tuple[list[dict], str]:
+    """Rows of earlier --measure runs, re-estimated with the current estimator."""
+    out, devices = [], set()
+    for path in paths:
+        data = json.loads(path.read_text())
+        devices.add(data["device"])
+        for r in data["rows"]:
+            if "measured" not in r:
+                continue
+            est = estimate_row(
+                r["size"], BY_KEY[r["method"]], r["rank"] or 1, r["activation_checkpointing"], *data["batch"]
+            )
+            r["estimate"] = {k: getattr(est, k) for k in r["estimate"]}
+            out.append(r)
+    return out, ", ".join(sorted(devices))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.measured:
+        results, device = stored(args.measured)
+        print(markdown(results, args.batch_size, args.seq_len, device + " (stored)"))
+        return 0
     results = rows(args)
     device = torch.cuda.get_device_name() if args.measure else None
     if args.measure:
@@ -328,7 +355,9 @@ def main(argv=None) -> int:
                 f"{m['tokens_per_s']:,.0f} tokens/s, first step {m['first_step_s']:.1f} s",
                 flush=True,
             )
-            (args.out / "results.json").write_text(json.dumps(dict(device=device, rows=results), indent=1))
+            (args.out / "results.json").write_text(
+                json.dumps(dict(device=device, batch=[args.batch_size, args.seq_len], rows=results), indent=1)
+            )
     table = markdown(results, args.batch_size, args.seq_len, device)
     print(table)
     if args.measure:

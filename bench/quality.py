@@ -54,6 +54,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import shutil
@@ -369,6 +370,10 @@ def plan(cfg, methods) -> list[tuple[Method, int | None, int, float]]:
     return runs
 
 
+def _finite(loss: float) -> float:
+    return loss if math.isfinite(loss) else math.inf
+
+
 def spread(values):
     return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
@@ -387,7 +392,7 @@ def aggregate(cfg, methods, results) -> list[dict]:
             if not by_lr:
                 continue
             grid = {lr: statistics.mean(r["final_eval_loss"] for r in rs) for lr, rs in sorted(by_lr.items())}
-            lr = min(grid, key=grid.get)
+            lr = min(grid, key=lambda k: _finite(grid[k]))  # a diverged run (nan) never wins
             runs = sorted(by_lr[lr], key=lambda r: r["spec"]["seed"])
             losses = [r["final_eval_loss"] for r in runs]
             ppls = [r["final_eval_ppl"] for r in runs]
@@ -426,7 +431,7 @@ def winners(rows) -> list[str]:
     lines = []
     levels = [(None, "full rank")] + sorted({(r["rank"], f"rank {r['rank']}") for r in rows if r["rank"]})
     for rank, name in levels:
-        level = sorted((r for r in rows if r["rank"] == rank), key=lambda r: r["eval_loss_mean"])
+        level = sorted((r for r in rows if r["rank"] == rank), key=lambda r: _finite(r["eval_loss_mean"]))
         if not level:
             continue
         best = level[0]
@@ -437,6 +442,7 @@ def winners(rows) -> list[str]:
             within = gap <= best["eval_loss_spread"] + second["eval_loss_spread"]
             text += f"; runner-up {second['label']} +{gap:.3f}" + (" (within the seed spread)" if within else "")
         osd_rows = [r for r in level if r["method"].startswith("osd_") and r is not best]
+        osd_rows = [r for r in osd_rows if math.isfinite(r["eval_loss_mean"])]
         if osd_rows and not best["method"].startswith("osd_"):
             o = osd_rows[0]
             text += f"; best OSD row {o['label']} +{o['eval_loss_mean'] - best['eval_loss_mean']:.3f}"
@@ -469,9 +475,12 @@ def markdown(summary) -> str:
     ]
     for r in summary["rows"]:
         ratio = f"{r['step_time_ratio']:.2f}x" if r["step_time_ratio"] else "-"
+        if math.isfinite(r["eval_loss_mean"]):
+            loss = f"{r['eval_loss_mean']:.3f} +- {r['eval_loss_spread']:.3f} | {r['eval_ppl_mean']:.1f} +- {r['eval_ppl_spread']:.1f}"
+        else:
+            loss = "diverged (nan) | -"
         out.append(
-            f"| {r['label']} | {r['rank'] or 'full'} | {r['lr']:g} | {r['eval_loss_mean']:.3f} +- {r['eval_loss_spread']:.3f} "
-            f"| {r['eval_ppl_mean']:.1f} +- {r['eval_ppl_spread']:.1f} | {_mib(r['matrix_state_bytes']):.2f} | {_mib(r['state_bytes']):.2f} | {ratio} |"
+            f"| {r['label']} | {r['rank'] or 'full'} | {r['lr']:g} | {loss} | {_mib(r['matrix_state_bytes']):.2f} | {_mib(r['state_bytes']):.2f} | {ratio} |"
         )
     if p["lr_grid"]:
         out += ["", "lr grid (mean final eval loss over seeds):", ""]

@@ -1,6 +1,7 @@
 """The memory estimator (osd.memory, osd-memory) against what training really allocates."""
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -252,3 +253,38 @@ def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_estimates_and_stored_measurements(capsys, tmp_path):
+    """bench/memory.py: the estimate table, and re-estimating a stored --measure run."""
+    bench = _bench()
+    assert bench.main(["--sizes", "llama_60m", "--methods", "adamw,osd8_pl"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama_60m | AdamW | full | 0.23 | 0.23 |" in out
+    rows = bench.rows(bench.parse_args(["--sizes", "llama_60m", "--methods", "adamw"]))
+    rows[0]["measured"] = dict(peak_bytes=rows[0]["estimate"]["total"] // 2, state_bytes=1, tokens_per_s=10.0)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(dict(device="GPU X", batch=[8, 256], rows=rows)))
+    assert bench.main(["--measured", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "measured on GPU X (stored)" in out and "| 2.000 | 10 | 1.00x |" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_bench_measure_needs_cuda(capsys):
+    with pytest.raises(SystemExit) as info:
+        _bench().parse_args(["--measure"])
+    assert info.value.code == 2
+    assert "--measure needs a CUDA device" in capsys.readouterr().err
