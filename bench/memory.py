@@ -45,6 +45,7 @@ PUBLISHED_STATE = {
     ("llama_350m", "galore"): 0.54,
     ("llama_1b", "galore"): 1.78,
 }
+ESTIMATE_KEYS = ("weights", "gradients", "optimizer_state", "activations", "step_temporaries", "total")
 PUBLISHED_TOTAL = {("llama_7b", "galore8_pl"): 22.0}
 
 
@@ -187,14 +188,7 @@ def rows(args) -> list[dict]:
                     label=method.label,
                     rank=rank if method.subspace else None,
                     activation_checkpointing=ckpt,
-                    estimate=dict(
-                        weights=est.weights,
-                        gradients=est.gradients,
-                        optimizer_state=est.optimizer_state,
-                        activations=est.activations,
-                        step_temporaries=est.step_temporaries,
-                        total=est.total,
-                    ),
+                    estimate={k: getattr(est, k) for k in ESTIMATE_KEYS},
                     published_state_gb=PUBLISHED_STATE.get((size, method.estimator if not method.per_layer else "")),
                     published_total_gb=PUBLISHED_TOTAL.get((size, method.key)),
                 )
@@ -321,7 +315,7 @@ def stored(paths: list[Path]) -> tuple[list[dict], str]:
             est = estimate_row(
                 r["size"], BY_KEY[r["method"]], r["rank"] or 1, r["activation_checkpointing"], *data["batch"]
             )
-            r["estimate"] = {k: getattr(est, k) for k in r["estimate"]}
+            r["estimate"] = {k: getattr(est, k) for k in ESTIMATE_KEYS}
             out.append(r)
     return out, ", ".join(sorted(devices))
 
