@@ -275,13 +275,9 @@ def trainer_argv(spec, save_dir) -> list[str]:
     )
     if spec["rank"]:
         flags.update(rank=spec["rank"], galore_scale=spec["scale"], update_proj_gap=spec["update_proj_gap"])
-    argv = []
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False and value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
+    from osd.train import flags_to_argv
+
+    return flags_to_argv(flags)
 
 
 def summarize_metrics(path: Path) -> dict:

@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from osd.train import flags_to_argv
+
 WORDS = (
     "the a cat dog bird sat ran flew on under over mat log tree and then it was red blue green "
     "small big very quite house garden river fast slow today yesterday morning night saw heard"
@@ -95,13 +97,7 @@ def base_args(fx: dict, save_dir, **overrides) -> list[str]:
         save_dir=str(save_dir),
     )
     flags.update(overrides)
-    argv = []
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return flags_to_argv(flags)
 
 
 def read_metrics(run_dir) -> list[dict]:

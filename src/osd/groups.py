@@ -6,11 +6,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
+TARGET_MODULES = ("attn", "mlp")
+
 
 def param_groups(
     model: nn.Module,
     rank: int,
-    target_modules: Iterable[str] = ("attn", "mlp"),
+    target_modules: Iterable[str] = TARGET_MODULES,
     **subspace_options,
 ) -> list[dict]:
     """``[plain_group, subspace_group]`` for an osd optimizer.

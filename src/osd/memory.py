@@ -60,20 +60,19 @@ Needs no transformers and allocates nothing: the sizes come from ``osd.models.SI
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
-from osd.models import SIZES
+from osd.groups import TARGET_MODULES
+from osd.models import SIZES, resolve
+from osd.projectors import PROJ_OPTIMIZERS
 
 VOCAB_SIZE = 32000
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "osd")
-PROJ_OPTIMIZERS = ("adamw", "adam8bit", "lion", "adafactor", "sgd")
-TARGET_MODULES = ("attn", "mlp")
 
 # torchao OptimState8bit layout, as used by osd.storage.Blockwise8bit
 BLOCK_SIZE = 256
@@ -140,25 +139,14 @@ def model_shape(model: str | os.PathLike | dict | LlamaShape) -> LlamaShape:
     text = str(model)
     key = text.lower().replace("-", "_")
     key = key if key.startswith("llama_") else "llama_" + key
-    if key in SIZES:
-        size = SIZES[key]
-        return LlamaShape(
-            size.hidden_size,
-            size.intermediate_size,
-            size.num_attention_heads,
-            size.num_hidden_layers,
-            vocab=size.vocab_size,
-            name=key,
-        )
-    if os.path.isfile(text):
-        try:
-            with open(text) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read model config {text}: {e}") from e
-        return _from_config(config, text)
-    names = ", ".join(SIZES)
-    raise ValueError(f"unknown model {text!r}: give a LLaMA size ({names}) or a path to a config JSON")
+    if key not in SIZES and not os.path.exists(text):
+        names = ", ".join(SIZES)
+        raise ValueError(f"unknown model {text!r}: give a LLaMA size ({names}) or a path to a config JSON")
+    try:  # the trainer's reading of sizes and config files (GaLore's key names included)
+        fields = resolve(key if key in SIZES else text)
+    except ValueError as e:
+        raise ValueError(f"cannot read model config {text}: {e}") from None
+    return _from_config(fields, key if key in SIZES else text)
 
 
 def _from_config(config: dict, where: str) -> LlamaShape:

@@ -70,6 +70,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def flags_to_argv(flags: dict) -> list[str]:
+    """An ``osd-train`` command line from ``{flag: value}``: True adds a bare flag, None and
+    False leave it out, anything else becomes ``--flag str(value)``."""
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = partial(p.add_argument, action=argparse.BooleanOptionalAction, default=False)
