@@ -195,15 +195,13 @@ def state_bytes(optimizer, params=None) -> int:
     ``state_bytes()`` counts (8-bit codes + scales); others: the tensors in
     ``optimizer.state`` plus the bases their projector objects hold (galore-torch and
     pytorch-optimizer keep a Python projector there)."""
-    from osd import storage
-
     if params is None and hasattr(optimizer, "state_bytes"):
         return optimizer.state_bytes()
     keep = None if params is None else {id(p) for p in params}
 
     def size(v):
         if torch.is_tensor(v):
-            return storage.nbytes(v)
+            return v.nbytes
         if isinstance(v, list | tuple):
             return sum(size(x) for x in v)
         if hasattr(v, "ortho_matrix"):

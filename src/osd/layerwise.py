@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from osd import projectors
-from osd.optim import SubspaceOptimizer, _matrix
+from osd.optim import SubspaceOptimizer
 
 
 class Layerwise(torch.optim.Optimizer):
@@ -64,17 +63,13 @@ class Layerwise(torch.optim.Optimizer):
         groups, state = optimizer.param_groups, optimizer.state
         super().__init__([dict(g) for g in groups], optimizer.defaults)
         optimizer.param_groups, optimizer.state = groups, state
-        # where each parameter lives: (group index, seed of the random projector), the same
-        # numbering as SubspaceOptimizer.step so both modes draw the same random bases
-        self._where = {}
+        self._where = {}  # parameter -> its group's index
         self._seen = {}
         self._handles = []
         optimizer._layerwise_hooks = True
-        index = 0
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                index += 1
-                self._where[p] = (gi, index)
+                self._where[p] = gi
                 self._seen[p] = 0
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -101,33 +96,31 @@ class Layerwise(torch.optim.Optimizer):
     def _hook(self, p):
         self._seen[p] += 1
         micro, last = self._seen[p], self._seen[p] == self.accumulation_steps
-        gi, seed = self._where[p]
-        group = self.param_groups[gi]
+        group = self.param_groups[self._where[p]]
         opt = self.optimizer
         if "rank" not in group:
             if last:
-                opt._plain_step(p, group, opt.rule(group), self._clip(p.grad))
+                opt.update([p], [self._clip(p.grad)])
                 p.grad = None
             return
-        projector = projectors.from_group(group)
-        g = _matrix(p.grad)
+        g = opt.gradients([p], [p.grad])
         p.grad = None
         if micro == 1:
-            opt._refresh(p, g, group, projector, seed)
+            opt.refresh([p], g)
         state = opt.state[p]
-        g_projected = projectors.project(g, state)
-        r = state.pop("accum").add_(g_projected) if micro > 1 else g_projected
+        g_projected = opt.project([p], g)
+        r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
         if last:
-            opt._subspace_update(p, self._clip(r), group, opt.rule(group), projector, g, g_projected)
+            opt.finish([p], self._clip(r), g, g_projected)
         else:
-            state["accum"] = r
+            state["accum"] = r[0]
 
     def _clip(self, g):
-        if self.max_grad_norm is not None:
-            norm = torch.linalg.vector_norm(g)
-            if norm > self.max_grad_norm:
-                g = g * (self.max_grad_norm / norm)
-        return g
+        """``g`` scaled to norm at most ``max_grad_norm`` (decided on the device: no host read)."""
+        if self.max_grad_norm is None:
+            return g
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        return g * (self.max_grad_norm / norm).clamp(max=1.0).to(g.dtype)
 
     def step(self, closure=None):
         """End of an optimizer step: the parameters were updated during backward."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from osd import projectors, storage
+from osd import engine, projectors, storage
 from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
 from osd.rules import Adam, Rule
@@ -45,7 +45,13 @@ from osd.storage import EIGHT_BIT, FP32
 
 class SubspaceOptimizer(torch.optim.Optimizer):
     """Base class: subclasses say which rule a group uses (:meth:`rule`) and which storage
-    holds state (``storage``)."""
+    holds state (``storage``).
+
+    ``step()`` groups the parameters that have a gradient into stacks (same group, shape,
+    dtype, device and step count; see :mod:`osd.engine`) and calls :meth:`update` on each.
+    :meth:`update` and its parts :meth:`refresh`, :meth:`project` and :meth:`finish` are the
+    public entry points for callers that drive the steps themselves (:class:`osd.Layerwise`
+    updates one parameter at a time, in backward, as a stack of one)."""
 
     storage = FP32
 
@@ -58,11 +64,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # lr_0 of the online-PCA rule proj_lr = (1/T) * lr_t / lr_0; torch's schedulers use
         # the same key (and setdefault it the same way).
         group.setdefault("initial_lr", group["lr"])
+        limit = group.get("max_stack_bytes", engine.MAX_STACK_BYTES)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"max_stack_bytes must be a positive integer, got {limit!r}")
         if "rank" in group:
             names = group.get("param_names") or [
                 f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(group["params"])
             ]
             projectors.check_group(group, names)
+        self._groups_of = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,84 +80,196 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
         for group in self.param_groups:
-            rule = self.rule(group)
-            projector = projectors.from_group(group) if "rank" in group else None
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if projector is None:
-                    self._plain_step(p, group, rule)
-                else:
-                    self._subspace_step(p, group, rule, projector, seed=index)
+            for stack in self.stacks(params):
+                self.update(stack, [p.grad for p in stack])
         return loss
 
-    def _plain_step(self, p, group, rule, grad=None):
-        state = self.state[p]
-        if not state:
-            dtype = p.dtype if self.storage is FP32 else torch.float32
-            state["step"] = 0
-            state.update(rule.init(p.shape, p.device, self.storage, dtype))
-        state["step"] += 1
-        g = p.grad if grad is None else grad
-        g = g if self.storage is FP32 else g.float()
-        lr = group["lr"]
-        delta = rule.update(g, state, lr, state["step"], self.storage)
-        _apply(p, delta, lr, group.get("weight_decay", 0.0))
+    # -- stacks -------------------------------------------------------------------------
 
-    def _subspace_step(self, p, group, rule, projector, seed):
-        g = _matrix(p.grad)
-        self._refresh(p, g, group, projector, seed)
-        r = projectors.project(g, self.state[p])
-        self._subspace_update(p, r, group, rule, projector, g, r)
+    def stacks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """``params`` (of one or several groups) in the stacks a step batches: same group,
+        matrix shape, dtype, device and step count, each at most ``max_stack_bytes`` of
+        fp32 gradient. Plain AdamW groups with full-precision state form one stack per device and
+        dtype (torch's fused kernel takes lists of any shapes)."""
+        buckets: dict[tuple, list] = {}
+        for p in params:
+            gi = self._group_index(p)
+            group = self.param_groups[gi]
+            shape = _matrix_shape(p) if "rank" in group else tuple(p.shape)
+            if self._fused_plain(group, p):
+                shape = None
+            key = (gi, shape, p.dtype, p.device, self.state[p].get("step", 0))
+            buckets.setdefault(key, []).append(p)
+        out = []
+        for (gi, shape, dtype, _, _), members in buckets.items():
+            if shape is None:
+                out.append(members)
+                continue
+            limit = self.param_groups[gi].get("max_stack_bytes", engine.MAX_STACK_BYTES)
+            out.extend(engine.split(members, torch.Size(shape).numel() * 4, limit))
+        return out
 
-    def _refresh(self, p, g, group, projector, seed):
-        """Start a step: let the projector (re)build the bases from the gradient ``g``."""
-        state = self.state[p]
-        m, n = g.shape
+    def _group_index(self, p) -> int:
+        for attempt in range(2):
+            key = tuple(id(g) for g in self.param_groups)
+            if attempt or getattr(self, "_groups_of", None) is None or self._groups_of[0] != key:
+                ordered = [q for g in self.param_groups for q in g["params"]]
+                where = {q: i for i, g in enumerate(self.param_groups) for q in g["params"]}
+                self._groups_of = (key, where, {q: i for i, q in enumerate(ordered)})
+            if p in self._groups_of[1]:
+                return self._groups_of[1][p]
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in this optimizer")
+
+    def _seeds(self, params) -> list[int]:
+        """Each parameter's 1-based position over all groups (the random projector's seed)."""
+        self._group_index(params[0])
+        return [self._groups_of[2][p] + 1 for p in params]
+
+    def _stack_group(self, params) -> dict:
+        groups = {self._group_index(p) for p in params}
+        if len(groups) != 1:
+            raise ValueError(f"a stack takes parameters of one param group, got groups {sorted(groups)}")
+        group = self.param_groups[groups.pop()]
+        steps = {self.state[p].get("step", 0) for p in params}
+        shapes = {(tuple(p.shape), p.dtype, p.device) for p in params}
+        if len(steps) != 1 or (len(shapes) != 1 and not self._fused_plain(group, params[0])):
+            raise ValueError(
+                f"a stack takes parameters of one shape, dtype, device and step count, got {sorted(map(str, shapes))} "
+                f"at steps {sorted(steps)}; use optimizer.stacks(params) to form stacks"
+            )
+        return group
+
+    def _fused_plain(self, group, p) -> bool:
+        """Plain AdamW with full-precision state runs torch's fused AdamW kernel (the same
+        maths as torch.optim.AdamW)."""
+        return (
+            "rank" not in group
+            and self.storage is FP32
+            and isinstance(self.rule(group), Adam)
+            and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        )
+
+    # -- the step of one stack: public entry points ----------------------------------------
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """One optimizer step of a stack (see :meth:`stacks`) from its gradients."""
+        group = self._stack_group(params)
+        if "rank" not in group:
+            self._plain_update(params, grads, group)
+            return
+        g = self.gradients(params, grads)
+        self.refresh(params, g)
+        r = self.project(params, g)
+        self.finish(params, r, g, r)
+
+    def gradients(self, params, grads) -> torch.Tensor:
+        """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype."""
+        group = self._stack_group(params)
+        dtype = projectors.proj_dtype(group, grads[0].dtype)
+        return engine.stack_grads(grads, _matrix_shape(params[0]), dtype)
+
+    @torch.no_grad()
+    def refresh(self, params, g: torch.Tensor) -> None:
+        """Start a step of a subspace stack: the projector (re)builds the bases from the
+        gradients ``g`` (k x m x n) where its schedule says so (the only place a step may
+        synchronise with the host: an SVD or a random draw)."""
+        group = self._stack_group(params)
+        projector = projectors.from_group(group)
+        states = [self.state[p] for p in params]
+        step = states[0].setdefault("step", 0)
+        for s in states:
+            s.setdefault("step", step)
+        if not projector.refreshes(step):
+            return
+        m, n = g.shape[-2:]
         sides = projectors.resolve_sides(group["side"], m, n)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
-        old = _bases(state)
-        projector.before_update(g, state, state.setdefault("step", 0), rank, sides, seed)
-        if group["transport"] and state["step"] > 0:
-            projectors.transport(state, old, self.rule(group).moments, self.storage)
+        st = engine.stack_state(states)
+        old = {k: st[k].clone() for k in _bases(st)} if group["transport"] and step > 0 else {}
+        projector.refresh(g, st, step, rank, sides, self._seeds(params))
+        engine.add_new_state(states, st)
+        if old:
+            projectors.transport(st, old, self.rule(group).moments, self.storage)
 
-    def _subspace_update(self, p, r, group, rule, projector, g, g_projected):
-        """Finish a step from the projected gradient ``r``. The projector's own update sees
-        the gradient ``g`` and its projection (the same as ``r`` unless accumulating)."""
-        state = self.state[p]
-        step = state["step"]
+    @torch.no_grad()
+    def project(self, params, g: torch.Tensor) -> torch.Tensor:
+        """The gradients ``g`` (k x m x n) projected with the stack's current bases."""
+        return projectors.project(g, _bases(engine.stack_state([self.state[p] for p in params])))
+
+    @torch.no_grad()
+    def finish(self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor) -> None:
+        """Finish a step of a subspace stack from the projected gradients ``r``: the rule,
+        projection back, weight decay and apply, then the projector's own update, which sees
+        the gradients ``g`` and their projection (the same as ``r`` unless accumulating)."""
+        group = self._stack_group(params)
+        rule, projector = self.rule(group), projectors.from_group(group)
+        states = [self.state[p] for p in params]
+        step = states[0]["step"]
+        st = engine.stack_state(states)
+        r = r.float()
         if step == 0:
-            state.update(rule.init(r.shape, r.device, self.storage))
+            st.update(rule.init(r.shape, r.device, self.storage))
+            engine.add_new_state(states, st)
         lr = group["lr"]
-        delta = rule.update(r, state, lr, step + 1, self.storage)
-        update = projectors.project_back(delta, state).mul_(group["scale"])
-        _apply(p, update.view(p.shape), lr, group.get("weight_decay", 0.0))
-        old = _bases(state)
-        projector.after_update(g, g_projected, state, step, lr / group["initial_lr"])
-        if group["transport"]:
-            projectors.transport(state, old, rule.moments, self.storage)
-        state["step"] = step + 1
+        delta = rule.update(r, st, lr, step + 1, self.storage)
+        bases = _bases(st)
+        update = projectors.project_back(delta.to(g.dtype), bases)
+        engine.apply(params, update, lr, group.get("weight_decay", 0.0), alpha=-group["scale"])
+        old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
+        if projector.after_update(g, g_projected, st, step, lr / group["initial_lr"]) and old:
+            projectors.transport(st, old, rule.moments, self.storage)
+        for s in states:
+            s["step"] = step + 1
+
+    def _plain_update(self, params, grads, group):
+        rule = self.rule(group)
+        states = [self.state[p] for p in params]
+        step = states[0].setdefault("step", 0)
+        lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
+        if self._fused_plain(group, params[0]):
+            _fused_adamw(params, grads, states, group, step)
+        else:
+            dtype = params[0].dtype if self.storage is FP32 else torch.float32
+            g = engine.stack_grads(grads, tuple(params[0].shape), dtype)
+            st = engine.stack_state(states)
+            if step == 0:
+                st.update(rule.init(g.shape, g.device, self.storage, dtype))
+                engine.add_new_state(states, st)
+            engine.apply(params, rule.update(g, st, lr, step + 1, self.storage), lr, weight_decay)
+        for s in states:
+            s["step"] = step + 1
+
+    # -- state ----------------------------------------------------------------------------
 
     def state_bytes(self, group: int | None = None) -> int:
         """Bytes of optimizer state (moments, bases, the bases' own optimizer state) held for
         all groups, or for ``param_groups[group]``."""
         groups = self.param_groups if group is None else [self.param_groups[group]]
-        return sum(
-            storage.nbytes(v)
-            for g in groups
-            for p in g["params"]
-            for v in self.state.get(p, {}).values()
-            if torch.is_tensor(v)
-        )
+        return sum(storage.nbytes(self.state.get(p, {})) for g in groups for p in g["params"])
 
     def state_dict(self):
+        """torch's state dict; per-parameter state tensors are slices of stacked storage, so
+        a slice whose storage is not wholly in this state dict is copied out (``torch.save``
+        writes a view's whole storage): the file holds :meth:`state_bytes` of state."""
         sd = super().state_dict()
-        sd["state"] = {k: storage.pack(v) for k, v in sd["state"].items()}
+        covered: dict[int, int] = {}
+        for param_state in sd["state"].values():
+            for t in storage.tensors(param_state).values():
+                key = t.untyped_storage().data_ptr()
+                covered[key] = covered.get(key, 0) + t.nbytes
+        for index, param_state in sd["state"].items():
+            out = dict(param_state)
+            for k, t in storage.tensors(param_state).items():
+                whole = t.untyped_storage()
+                if covered[whole.data_ptr()] != whole.nbytes() or t.device.type == "meta":
+                    out[k] = t.clone()
+            sd["state"][index] = out
         return sd
 
     def load_state_dict(self, state_dict):
@@ -159,21 +281,41 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for index, param_state in state_dict["state"].items():
             p = params[int(index)]
             self.state[p] = storage.unpack(param_state, p.device)
+        self._groups_of = None
+
+
+def _fused_adamw(params, grads, states, group, step):
+    """torch's fused AdamW kernel over a list of plain parameters (one device and dtype)."""
+    if step == 0:
+        for p, s in zip(params, states, strict=True):
+            s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    steps = torch.full((len(params),), float(step + 1), device=params[0].device)
+    beta1, beta2 = group["betas"]
+    torch._fused_adamw_(
+        params,
+        grads,
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [],
+        list(steps.unbind(0)),
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=group.get("weight_decay", 0.0),
+        eps=group["eps"],
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 def _bases(state):
     return {k: state[k] for k in (projectors.ROWS, projectors.COLS) if k in state}
 
 
-def _matrix(grad):
-    """A gradient as the fp32 m x n matrix the projectors work on (rows x the rest)."""
-    return grad.reshape(grad.shape[0], -1).float()
-
-
-def _apply(p, update, lr, weight_decay):
-    if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    p.sub_(update.to(p.dtype))
+def _matrix_shape(p) -> tuple[int, int]:
+    """The m x n matrix the projectors see for a parameter (rows x the rest)."""
+    return (p.shape[0], p[0].numel())
 
 
 class AdamW(SubspaceOptimizer):

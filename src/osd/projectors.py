@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from osd.rules import SGD, Adafactor, Adam, Lion, Rule
+from osd.engine import put
 from osd.storage import EIGHT_BIT, FP32, Storage
 
 SIDES = ("auto", "reverse_auto", "left", "right", "both")
@@ -59,32 +60,37 @@ def resolve_sides(side: str, m: int, n: int) -> tuple[bool, bool]:
     return (side in ("left", "both"), side in ("right", "both"))
 
 
-def project(g: torch.Tensor, state: dict) -> torch.Tensor:
-    if ROWS in state:
-        g = state[ROWS].mT @ g
-    if COLS in state:
-        g = g @ state[COLS]
+def project(g: torch.Tensor, bases: dict) -> torch.Tensor:
+    """Project a (stack of) gradient(s): ``B_r^T G``, ``G B_c`` or ``B_r^T G B_c``. Bases are
+    cast to ``g``'s dtype (the projection precision)."""
+    if ROWS in bases:
+        g = bases[ROWS].to(g.dtype).mT @ g
+    if COLS in bases:
+        g = g @ bases[COLS].to(g.dtype)
     return g
 
 
-def project_back(d: torch.Tensor, state: dict) -> torch.Tensor:
-    if ROWS in state:
-        d = state[ROWS] @ d
-    if COLS in state:
-        d = d @ state[COLS].mT
+def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
+    """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both."""
+    if ROWS in bases:
+        d = bases[ROWS].to(d.dtype) @ d
+    if COLS in bases:
+        d = d @ bases[COLS].to(d.dtype).mT
     return d
 
 
 def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool) -> dict:
+    """Top-``rank`` singular vectors of every matrix of the stack ``g`` (fp32)."""
+    g = g.float()
     try:
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
     except RuntimeError:  # ill-conditioned fp32 input: LAPACK/cuSOLVER may not converge
         u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
     bases = {}
     if rows:
-        bases[ROWS] = u[:, :rank].float().contiguous()
+        bases[ROWS] = u[..., :rank].float().contiguous()
     if cols:
-        bases[COLS] = vh[:rank].mT.float().contiguous()
+        bases[COLS] = vh[..., :rank, :].mT.float().contiguous()
     return bases
 
 
@@ -94,12 +100,15 @@ class SVD:
 
     update_gap: int = 200
 
-    def before_update(self, g, state, step, rank, sides, seed):
-        if step % self.update_gap == 0:
-            state.update(_svd_bases(g, rank, *sides))
+    def refreshes(self, step: int) -> bool:
+        return step % self.update_gap == 0
+
+    def refresh(self, g, state, step, rank, sides, seeds):
+        for key, basis in _svd_bases(g, rank, *sides).items():
+            put(state, key, basis)
 
     def after_update(self, g, projected, state, step, lr_ratio):
-        pass
+        return False
 
 
 @dataclass(frozen=True)
@@ -109,17 +118,23 @@ class Random:
 
     update_gap: int = 200
 
-    def before_update(self, g, state, step, rank, sides, seed):
-        if step % self.update_gap:
-            return
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        for key, on, dim in ((ROWS, sides[0], g.shape[0]), (COLS, sides[1], g.shape[1])):
-            if on:
-                q, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
-                state[key] = q.to(g.device)
+    def refreshes(self, step: int) -> bool:
+        return step % self.update_gap == 0
+
+    def refresh(self, g, state, step, rank, sides, seeds):
+        draws = {ROWS: [], COLS: []}
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            for key, on, dim in ((ROWS, sides[0], g.shape[-2]), (COLS, sides[1], g.shape[-1])):
+                if on:
+                    draws[key].append(torch.randn(dim, rank, generator=gen))
+        for key, gaussians in draws.items():
+            if gaussians:
+                q, _ = torch.linalg.qr(torch.stack(gaussians))
+                put(state, key, q.to(g.device))
 
     def after_update(self, g, projected, state, step, lr_ratio):
-        pass
+        return False
 
 
 # P's own optimizer, by name: (rule, storage, default weight decay). The defaults are those
@@ -136,18 +151,20 @@ PROJ_OPTIMIZERS: dict[str, tuple[Rule, Storage, float]] = {
 
 def pca_grad(basis: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None = None, orth_reg: float = 0.0, x_scale=1.0):
     """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B,
-    for ``X = x_scale * x`` (so a normalised gradient needs no m x n copy). ``c`` may pass
-    in ``B^T X`` when the caller already has it."""
+    for ``X = x_scale * x`` (so a normalised gradient needs no m x n copy), for a matrix or
+    a stack (``x_scale`` a number or one per matrix, shaped ``k x 1 x 1``). ``c`` may pass
+    in ``B^T X`` when the caller already has it. The two products with ``x`` run in
+    ``x``'s dtype (the projection precision), the rest in the basis's (fp32)."""
     if c is None:
-        c = (basis.mT @ x).mul_(x_scale)
-    y = (x @ c.mT).mul_(x_scale)  # X C^T
+        c = (basis.to(x.dtype).mT @ x).to(basis.dtype).mul_(x_scale)
+    y = (x @ c.to(x.dtype).mT).to(basis.dtype).mul_(x_scale)  # X C^T
     gram = basis.mT @ basis
-    gram.diagonal().sub_(2)
+    gram.diagonal(dim1=-2, dim2=-1).sub_(2)
     # 2 (B C C^T + X C^T (B^T B - 2 I))
-    grad = (basis @ (c @ c.mT)).addmm_(y, gram)
+    grad = torch.baddbmm(basis @ (c @ c.mT), y, gram) if basis.dim() == 3 else (basis @ (c @ c.mT)).addmm_(y, gram)
     grad.mul_(2)
     if orth_reg:
-        gram.diagonal().add_(1)
+        gram.diagonal(dim1=-2, dim2=-1).add_(1)
         grad.add_(basis @ gram, alpha=4 * orth_reg)
     return grad
 
@@ -159,7 +176,10 @@ class OnlinePCA:
 
     ``lr=None`` is the reference rule ``(1 / update_gap) * (lr_t / lr_0)``: P follows the
     weights' schedule, and with T=200 and lr_0=1e-3 it is 5x the weight lr (the paper's
-    alpha = 5)."""
+    alpha = 5).
+
+    A matrix whose gradient is zero or not finite skips its basis step (basis and P's own
+    moments unchanged), decided on the device per matrix, without a host read."""
 
     update_gap: int = 200
     rule: Rule = field(default_factory=Adam)
@@ -169,19 +189,22 @@ class OnlinePCA:
     orth_reg: float = 0.0
     retract_every: int = 0
 
-    def before_update(self, g, state, step, rank, sides, seed):
-        if step == 0:
-            for key, basis in _svd_bases(g, rank, *sides).items():
-                state[key] = basis
-                for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
-                    state[f"{key}.{name}"] = t
+    def refreshes(self, step: int) -> bool:
+        return step == 0
+
+    def refresh(self, g, state, step, rank, sides, seeds):
+        for key, basis in _svd_bases(g, rank, *sides).items():
+            put(state, key, basis)
+            for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
+                state[f"{key}.{name}"] = t
 
     def after_update(self, g, projected, state, step, lr_ratio):
+        """One step on P for every matrix of the stack; True if the bases moved."""
         if step == 0:  # the reference takes no P step at initialisation
-            return
-        norm = torch.linalg.matrix_norm(g)
-        if norm == 0:
-            return
+            return False
+        norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float32)
+        keep = ~(torch.isfinite(norm) & (norm > 0))  # skip this matrix's P step
+        inv_norm = torch.where(keep, 0.0, norm.reciprocal()).view(-1, 1, 1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
         one_sided = (ROWS in state) != (COLS in state)
         for key, x in ((ROWS, g), (COLS, g.mT)):
@@ -190,16 +213,19 @@ class OnlinePCA:
             basis = state[key]
             c = None
             if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
-                c = (projected if key == ROWS else projected.mT) / norm
-            grad = pca_grad(basis, x, c, self.orth_reg, x_scale=1 / norm)
+                c = (projected if key == ROWS else projected.mT).float().mul_(inv_norm)
+            grad = pca_grad(basis, x, c, self.orth_reg, x_scale=inv_norm)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            # a new tensor, not in place: the optimizer detects a moved basis by identity
+            saved = {k: v.clone() for k, v in sub.items() if torch.is_tensor(v)}
             new = basis * (1 - lr * self.weight_decay) if self.weight_decay else basis
             new = new - self.rule.update(grad, sub, lr, step, self.storage)
             if self.retract_every and step % self.retract_every == 0:
                 new = _orthonormalize(new)
-            state[key] = new
+            for k, old in saved.items():
+                torch.where(keep.view((-1,) + (1,) * (old.dim() - 1)), old, sub[k], out=sub[k])
+            torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
+        return True
 
 
 PROJECTORS = ("online_pca", "svd", "random")
@@ -215,7 +241,17 @@ SUBSPACE_DEFAULTS = {
     "orth_reg": 0.0,
     "retract_every": 0,
     "transport": False,
+    "proj_dtype": "auto",
 }
+
+PROJ_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def proj_dtype(group: dict, grad_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a group's projection matmuls: ``auto`` is the gradient's dtype (as the
+    GaLore and OSD references), otherwise the named one. Bases, the rule and P's optimizer
+    stay fp32 whatever this is."""
+    return PROJ_DTYPES[group.get("proj_dtype", "auto")] or grad_dtype
 
 
 def check_group(group: dict, names: list[str]) -> None:
@@ -226,7 +262,12 @@ def check_group(group: dict, names: list[str]) -> None:
     rank = group["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r} (parameters: {_few(names)})")
-    for key, valid in (("projector", PROJECTORS), ("side", SIDES), ("proj_optimizer", PROJ_OPTIMIZERS)):
+    for key, valid in (
+        ("projector", PROJECTORS),
+        ("side", SIDES),
+        ("proj_optimizer", PROJ_OPTIMIZERS),
+        ("proj_dtype", PROJ_DTYPES),
+    ):
         if group[key] not in valid:
             raise ValueError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
     for key in ("update_gap", "retract_every"):
@@ -272,13 +313,15 @@ def from_group(group: dict):
 
 
 def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
-    """QR retraction onto orthonormal columns, signs fixed so it is continuous in B."""
+    """QR retraction onto orthonormal columns (of each matrix of a stack), signs fixed so it
+    is continuous in B."""
     q, r = torch.linalg.qr(basis)
-    return q * torch.sign(torch.sign(r.diagonal()) + 0.5)
+    return q * torch.sign(torch.sign(r.diagonal(dim1=-2, dim2=-1)) + 0.5).unsqueeze(-2)
 
 
 def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
-    """Carry subspace moments from the bases in ``old`` to the current ones.
+    """Carry subspace moments from the bases in ``old`` to the current ones (a matrix or a
+    stack).
 
     Coordinates in a basis are ``c = B^T g``, so with ``Q = B_new^T B_old`` (r x r) a first
     moment maps as ``M <- Q M`` (left side; ``M Q^T`` on the right). A second moment is
@@ -288,7 +331,8 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
     and is never smaller than the variance rule ``(Q*Q) V``, which drops the cross-covariances
     and, applied at every online-PCA step, inflated ``M / sqrt(V)`` until training diverged
     (bench/quality.py, llama_9m). Without transport (GaLore, the OSD reference) the old
-    coordinates are reused as if they were coordinates in the new basis."""
+    coordinates are reused as if they were coordinates in the new basis. Bases in ``old``
+    that are the current tensors themselves did not move."""
     rotations = {k: state[k].mT @ b for k, b in old.items() if state[k] is not b}
     if not rotations:
         return
@@ -296,13 +340,13 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
     for name in first + second:
         if name not in state:  # e.g. Adafactor without beta1
             continue
-        value = storage.load(state[name])
+        value = storage.load(state, name)
         if name in second:
             value = value.sqrt()
         for key, q in rotations.items():
             q = q.abs() if name in second else q
             value = q @ value if key == ROWS else value @ q.mT
-        storage.store(state[name], value.square() if name in second else value)
+        storage.store(state, name, value.square() if name in second else value)
 
 
 def effective_rank(rank: int, m: int, n: int, sides: tuple[bool, bool]) -> int:

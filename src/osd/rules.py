@@ -1,16 +1,20 @@
-"""Update rules: pure per-tensor functions that turn a gradient into an update.
+"""Update rules: pure functions on a stack of tensors that turn gradients into updates.
 
-A rule knows nothing about projections. Given a gradient ``g`` (full-space for plain
-parameters, the projected ``r x k`` matrix for subspace ones), its state tensors and the
-step number (1-based), it returns the update ``delta`` to subtract from the parameter,
-learning rate included (Adafactor's momentum runs on lr-scaled updates, so the rule must
-see the lr). Decoupled weight decay is not a rule's business: the optimizer applies it in
-full space.
+A rule knows nothing about projections. Given a stack of gradients ``g`` (leading
+dimension k: k parameters of one shape, a lone tensor is a stack of one; full-space for
+plain parameters, the projected ``r x k`` matrices for subspace ones), the stacked state
+and the step number (1-based, the same for the whole stack), it returns the stacked update
+``delta`` to subtract from the parameters, learning rate included (Adafactor's momentum
+runs on lr-scaled updates, so the rule must see the lr). Decoupled weight decay is not a
+rule's business: the optimizer applies it in full space. Reductions that are per tensor
+(Adafactor's factored moments and update clipping) run over every dimension but the first.
 
-State tensors are allocated through a ``storage`` factory so that 8-bit state is a storage
-choice, not a different algorithm (see :mod:`osd.storage`). Rules read state with
-``storage.load`` and write it back with ``storage.store``; for plain fp32 tensors these are
-no-ops around in-place arithmetic.
+State is a dict of stacked tensors, allocated through a ``storage`` (see
+:mod:`osd.storage`) so that 8-bit state is a storage choice, not a different algorithm:
+rules read a moment with ``storage.load(state, key)`` and write it back with
+``storage.store(state, key, value)``; for full-precision state these are no-ops around
+in-place arithmetic. Every op a rule dispatches runs once per stack, whatever k is, and no
+rule reads a tensor's value on the host.
 
 Each rule names its ``moments``: (first-moment keys, second-moment keys), so that
 subspace state can be carried into a new basis (:func:`osd.projectors.transport`).
@@ -27,6 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from osd.storage import FP32, Storage
+
+
+def _per_tensor_dims(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
 
 
 @dataclass(frozen=True)
@@ -49,18 +57,18 @@ class Adam:
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {
-            "exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype),
-            "exp_avg_sq": storage.zeros(shape, device, signed=False, dtype=dtype),
+            **storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype),
+            **storage.zeros("exp_avg_sq", shape, device, signed=False, dtype=dtype),
         }
 
     def update(self, g, state, lr, step, storage: Storage = FP32):
         beta1, beta2 = self.betas
-        m = storage.load(state["exp_avg"])
-        v = storage.load(state["exp_avg_sq"])
+        m = storage.load(state, "exp_avg")
+        v = storage.load(state, "exp_avg_sq")
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        storage.store(state["exp_avg"], m)
-        storage.store(state["exp_avg_sq"], v)
+        storage.store(state, "exp_avg", m)
+        storage.store(state, "exp_avg_sq", v)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         if self.eps_before_correction:
@@ -77,14 +85,14 @@ class Lion:
     moments = (("exp_avg",), ())
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
-        return {"exp_avg": storage.zeros(shape, device, signed=True, dtype=dtype)}
+        return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
 
     def update(self, g, state, lr, step, storage: Storage = FP32):
         beta1, beta2 = self.betas
-        m = storage.load(state["exp_avg"])
+        m = storage.load(state, "exp_avg")
         delta = torch.lerp(m, g, 1 - beta1).sign_().mul_(lr)
         m.lerp_(g, 1 - beta2)
-        storage.store(state["exp_avg"], m)
+        storage.store(state, "exp_avg", m)
         return delta
 
 
@@ -94,7 +102,8 @@ class Adafactor:
     ``scale_parameter=False``, ``warmup_init=False``: factored second moment for matrices,
     update RMS clipped to ``clip_threshold``, optional first moment on the lr-scaled update.
     ``eps[1]`` only matters for parameter scaling, which is off; it is kept for parity of
-    signatures.
+    signatures. Shapes are stacks: ``(k, *tensor_shape)``; tensors of 2 or more dims are
+    factored over their last two.
     """
 
     beta1: float | None = None
@@ -104,14 +113,15 @@ class Adafactor:
     moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
+        shape = tuple(shape)
         state = {}
-        if len(shape) >= 2:
+        if len(shape) >= 3:
             state["exp_avg_sq_row"] = torch.zeros(shape[:-1], device=device, dtype=dtype)
             state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], device=device, dtype=dtype)
         else:
             state["exp_avg_sq"] = torch.zeros(shape, device=device, dtype=dtype)
         if self.beta1 is not None:
-            state["exp_avg"] = storage.zeros(shape, device, signed=True, dtype=dtype)
+            state.update(storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype))
         return state
 
     def update(self, g, state, lr, step, storage: Storage = FP32):
@@ -128,12 +138,13 @@ class Adafactor:
             v = state["exp_avg_sq"]
             v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
             delta = v.rsqrt().mul_(g)
-        rms = delta.norm(2) / math.sqrt(delta.numel())
+        dims = _per_tensor_dims(delta)
+        rms = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / math.sqrt(delta[0].numel())
         delta.div_((rms / self.clip_threshold).clamp_(min=1.0)).mul_(lr)
         if self.beta1 is not None:
-            m = storage.load(state["exp_avg"])
+            m = storage.load(state, "exp_avg")
             m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
-            storage.store(state["exp_avg"], m)
+            storage.store(state, "exp_avg", m)
             delta = m  # callers never modify a returned delta in place
         return delta
 

@@ -1,105 +1,126 @@
 """How optimizer state tensors are stored: full precision, or 8-bit block-wise.
 
 8-bit state is a storage choice, not a new algorithm: rules (:mod:`osd.rules`) allocate
-their moments through a storage object and read/write them with ``load``/``store``. The
-8-bit backend is torchao's ``OptimState8bit`` (dynamic-tree quantisation map, one fp32
-scale per block of 256 values, Dettmers et al. 2022); it runs on CPU and CUDA. torchao is
-imported only when 8-bit storage is used.
+their moments through a storage object and read/write them with ``load``/``store``. State
+lives in plain dicts of plain tensors, keyed by name, one dict per parameter (stacked by
+the engine for a step, see :mod:`osd.engine`):
 
-In ``state_dict()`` an 8-bit tensor is written as plain tensors (``KEY`` = uint8 codes,
-``KEY.scale`` = fp32 block scales, ``KEY.signed`` = bool) so that checkpoints load with
-``torch.load(weights_only=True)`` even where torchao is not imported.
+* full precision: ``KEY`` is the moment itself;
+* 8-bit (:class:`Blockwise8bit`): ``KEY`` holds the uint8 codes (the moment's shape),
+  ``KEY.scale`` one fp32 absmax per block of 256 values, ``KEY.signed`` a bool. The codes
+  index torchao's dynamic-tree quantisation map (Dettmers et al. 2022) and are computed
+  with torchao's own quantiser (``torchao.optim.quant_utils``), on whole stacks at once.
+  torchao is imported only when 8-bit storage is used.
+
+This layout is also what ``state_dict()`` holds, so checkpoints load with
+``torch.load(weights_only=True)`` without torchao, and checkpoints written by earlier
+versions of this project (which used this layout on disk) load unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
+SCALE, SIGNED = ".scale", ".signed"
+
 
 class Storage:
     """Full-precision storage: state tensors are ordinary tensors updated in place."""
 
-    def zeros(self, shape, device, signed: bool, dtype=torch.float32) -> torch.Tensor:
-        return torch.zeros(shape, device=device, dtype=dtype)
+    def zeros(self, key, shape, device, signed: bool, dtype=torch.float32) -> dict:
+        """State entries for a zero moment ``key`` of stacked ``shape`` (k, *tensor_shape)."""
+        return {key: torch.zeros(shape, device=device, dtype=dtype)}
 
-    def load(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+    def load(self, state: dict, key: str) -> torch.Tensor:
+        """The moment as a tensor; in-place changes to it are kept only after :meth:`store`."""
+        return state[key]
 
-    def store(self, t: torch.Tensor, value: torch.Tensor) -> None:
-        if value is not t:
-            t.copy_(value)
+    def store(self, state: dict, key: str, value: torch.Tensor) -> None:
+        if value is not state[key]:
+            state[key].copy_(value)
 
 
 FP32 = Storage()
 
 
-def _optim_state_8bit():
+def _torchao_quant_utils():
     try:
-        from torchao.optim.subclass_8bit import OptimState8bit
+        from torchao.optim import quant_utils
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("8-bit optimizer state needs torchao: pip install 'online-subspace-descent[eightbit]'") from e
-    return OptimState8bit
+    return quant_utils
+
+
+_QMAPS: dict = {}
+
+
+def _qmap(signed: bool, device) -> torch.Tensor:
+    key = (bool(signed), str(device))
+    if key not in _QMAPS:
+        values = _torchao_quant_utils().create_dynamic_map(signed=bool(signed))
+        _QMAPS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _QMAPS[key]
 
 
 class Blockwise8bit(Storage):
-    """8-bit block-wise quantised state via torchao. Tensors smaller than ``min_numel`` or
-    whose size is not a multiple of ``block_size`` stay in fp32 (as torchao does): their
-    memory is negligible and quantising them costs accuracy for nothing."""
+    """8-bit block-wise quantised state (torchao's map and quantiser). Tensors smaller than
+    ``min_numel`` or whose size is not a multiple of ``block_size`` stay in fp32 (as
+    torchao does): their memory is negligible and quantising them costs accuracy for nothing.
+    A stack is quantised and dequantised in one pass: blocks never straddle two tensors."""
 
     def __init__(self, block_size: int = 256, min_numel: int = 4096):
         self.block_size = block_size
         self.min_numel = min_numel
 
-    def zeros(self, shape, device, signed: bool, dtype=torch.float32):
-        numel = torch.Size(shape).numel()
+    def zeros(self, key, shape, device, signed: bool, dtype=torch.float32):
+        shape = tuple(shape)
+        numel = torch.Size(shape[1:]).numel()
         if numel < self.min_numel or numel % self.block_size:
-            return super().zeros(shape, device, signed, dtype)
-        return _optim_state_8bit().zeros(shape, signed=signed, block_size=self.block_size, device=device)
+            return super().zeros(key, shape, device, signed, dtype)
+        _torchao_quant_utils()  # fail here, with the install hint, if torchao is missing
+        return {
+            key: torch.zeros(shape, dtype=torch.uint8, device=device),
+            key + SCALE: torch.zeros(shape[0], numel // self.block_size, device=device),
+            key + SIGNED: bool(signed),
+        }
 
-    def load(self, t):
-        return t.dequantize() if is_quantized(t) else t
+    def load(self, state, key):
+        if key + SCALE not in state:
+            return state[key]
+        codes, scale = state[key], state[key + SCALE]
+        qmap = _qmap(state[key + SIGNED], codes.device)
+        return (qmap[codes.int()].view(scale.shape + (-1,)) * scale.unsqueeze(-1)).view(codes.shape)
+
+    def store(self, state, key, value):
+        if key + SCALE not in state:
+            return super().store(state, key, value)
+        codes, scale = state[key], state[key + SCALE]
+        quant_utils = _torchao_quant_utils()
+        blocks = value.reshape(-1, self.block_size)
+        block_scale = blocks.abs().amax(-1).clip(1e-12)
+        normalised = (blocks / block_scale.unsqueeze(-1)).view(codes.shape)
+        codes.copy_(quant_utils.quantize_8bit_with_qmap(normalised, _qmap(state[key + SIGNED], codes.device)))
+        scale.copy_(block_scale.view(scale.shape))
 
 
 EIGHT_BIT = Blockwise8bit()
 
 
-def is_quantized(t) -> bool:
-    return hasattr(t, "codes") and hasattr(t, "qmap") and hasattr(t, "dequantize")
+def is_quantized(state: dict, key: str) -> bool:
+    """Whether the moment ``key`` of a parameter's state is stored in 8 bits."""
+    return key + SCALE in state
 
 
-def nbytes(t: torch.Tensor) -> int:
-    """Bytes really held by a state tensor (codes and scales for 8-bit ones)."""
-    if is_quantized(t):
-        return t.codes.nbytes + t.scale.nbytes
-    return t.nbytes
+def tensors(state: dict) -> dict:
+    """The tensor entries of a state dict."""
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def pack(state: dict) -> dict:
-    """Param state -> plain tensors and Python scalars (for ``state_dict``)."""
-    out = {}
-    for key, value in state.items():
-        if is_quantized(value):
-            out[key] = value.codes
-            out[key + ".scale"] = value.scale
-            out[key + ".signed"] = bool(value.signed)
-        else:
-            out[key] = value
-    return out
+def nbytes(state: dict) -> int:
+    """Bytes held by a parameter's state (codes and scales for 8-bit moments)."""
+    return sum(v.nbytes for v in tensors(state).values())
 
 
 def unpack(state: dict, device) -> dict:
-    """Inverse of :func:`pack`, moving tensors to ``device`` without changing their dtype."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith((".scale", ".signed")) and key.rsplit(".", 1)[0] in state:
-            continue
-        if torch.is_tensor(value):
-            value = value.to(device)
-        if key + ".scale" in state:
-            signed, scale = state[key + ".signed"], state[key + ".scale"]
-            block_size = value.numel() // scale.numel()
-            value = _optim_state_8bit().zeros(value.shape, signed=signed, block_size=block_size, device=device)
-            value.codes.copy_(state[key].to(device))
-            value.scale.copy_(state[key + ".scale"].to(device))
-        out[key] = value
-    return out
+    """A loaded parameter state on ``device``, dtypes unchanged."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items()}
