@@ -106,7 +106,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             key = (gi, shape, p.dtype, p.device, self.state[p].get("step", 0))
             buckets.setdefault(key, []).append(p)
         out = []
-        for (gi, shape, dtype, _, _), members in buckets.items():
+        for (gi, shape, _, _, _), members in buckets.items():
             if shape is None:
                 out.append(members)
                 continue

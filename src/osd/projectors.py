@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from osd.rules import SGD, Adafactor, Adam, Lion, Rule
 from osd.engine import put
+from osd.rules import SGD, Adafactor, Adam, Lion, Rule
 from osd.storage import EIGHT_BIT, FP32, Storage
 
 SIDES = ("auto", "reverse_auto", "left", "right", "both")
