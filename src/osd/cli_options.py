@@ -109,6 +109,8 @@ def build_optimizer(model, args):
             options["transport"] = True
         if args.retract_every:
             options["retract_every"] = args.retract_every
+        if getattr(args, "proj_dtype", "auto") != "auto":
+            options["proj_dtype"] = args.proj_dtype
         groups = osd.param_groups(model, args.rank, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

@@ -8,8 +8,8 @@ the engine for a step, see :mod:`osd.engine`):
 * full precision: ``KEY`` is the moment itself;
 * 8-bit (:class:`Blockwise8bit`): ``KEY`` holds the uint8 codes (the moment's shape),
   ``KEY.scale`` one fp32 absmax per block of 256 values, ``KEY.signed`` a bool. The codes
-  index torchao's dynamic-tree quantisation map (Dettmers et al. 2022) and are computed
-  with torchao's own quantiser (``torchao.optim.quant_utils``), on whole stacks at once.
+  index torchao's dynamic-tree quantisation map (Dettmers et al. 2022), rounded to the
+  nearest map entry as torchao's quantiser does (:func:`quantize`), on whole stacks at once.
   torchao is imported only when 8-bit storage is used.
 
 This layout is also what ``state_dict()`` holds, so checkpoints load with
@@ -54,12 +54,23 @@ def _torchao_quant_utils():
 _QMAPS: dict = {}
 
 
-def _qmap(signed: bool, device) -> torch.Tensor:
+def _qmap(signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's dynamic quantisation map (256 sorted values) and the midpoints between
+    neighbours, on ``device``."""
     key = (bool(signed), str(device))
     if key not in _QMAPS:
-        values = _torchao_quant_utils().create_dynamic_map(signed=bool(signed))
-        _QMAPS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        values = torch.tensor(_torchao_quant_utils().create_dynamic_map(signed=bool(signed)), dtype=torch.float32)
+        _QMAPS[key] = (values.to(device), ((values[1:] + values[:-1]) / 2).to(device))
     return _QMAPS[key]
+
+
+def quantize(normalised: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Codes of values in [-1, 1]: the nearest entry of torchao's map (ties up, as
+    ``torchao.optim.quant_utils.quantize_8bit_with_qmap``), as ONE binary-search op
+    (``torch.bucketize``) instead of torchao's eager 8-step search (about 30 ops). Same
+    codes but where float rounding puts a value exactly on a midpoint (tests: 1 in 4M);
+    4.4x faster on the CPU (README, "8-bit state")."""
+    return torch.bucketize(normalised, _qmap(signed, normalised.device)[1], out_int32=True, right=True)
 
 
 class Blockwise8bit(Storage):
@@ -88,18 +99,16 @@ class Blockwise8bit(Storage):
         if key + SCALE not in state:
             return state[key]
         codes, scale = state[key], state[key + SCALE]
-        qmap = _qmap(state[key + SIGNED], codes.device)
-        return (qmap[codes.int()].view(scale.shape + (-1,)) * scale.unsqueeze(-1)).view(codes.shape)
+        qmap = _qmap(state[key + SIGNED], codes.device)[0]
+        return (qmap.take(codes.long()).view(scale.shape + (-1,)) * scale.unsqueeze(-1)).view(codes.shape)
 
     def store(self, state, key, value):
         if key + SCALE not in state:
             return super().store(state, key, value)
         codes, scale = state[key], state[key + SCALE]
-        quant_utils = _torchao_quant_utils()
         blocks = value.reshape(-1, self.block_size)
-        block_scale = blocks.abs().amax(-1).clip(1e-12)
-        normalised = (blocks / block_scale.unsqueeze(-1)).view(codes.shape)
-        codes.copy_(quant_utils.quantize_8bit_with_qmap(normalised, _qmap(state[key + SIGNED], codes.device)))
+        block_scale = blocks.abs().amax(-1).clip(1e-12)  # as torchao.optim.quant_utils.scale_tensor
+        codes.copy_(quantize((blocks / block_scale.unsqueeze(-1)).view(codes.shape), state[key + SIGNED]))
         scale.copy_(block_scale.view(scale.shape))
 
 

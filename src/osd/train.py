@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orth_reg", type=float, default=0.0, help="online PCA: orthogonality penalty (paper: 0.1)")
     flag("--transport", help="subspace groups: carry the moments into the new basis when it moves")
     p.add_argument("--retract_every", type=int, default=0, help="online PCA: QR-retract P every k steps (0: never)")
+    p.add_argument(
+        "--proj_dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the projection matmuls (auto: the gradient's, as the references)",
+    )
     p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
