@@ -36,3 +36,46 @@ def test_cuda_bf16_training_step():
         model(x).float().square().mean().backward()
         opt.step()
     assert torch.isfinite(model.weight).all()
+
+
+@pytest.mark.parametrize(
+    "cls,group",
+    [
+        (osd.AdamW, {}),
+        (osd.AdamW, {"projector": "svd"}),
+        (osd.AdamW8bit, {"proj_optimizer": "adam8bit"}),
+        (osd.Lion, {"transport": True}),
+        (osd.Adafactor, {"proj_dtype": "float32"}),
+    ],
+)
+def test_cuda_steady_state_step_never_synchronises(cls, group):
+    """torch.cuda.set_sync_debug_mode('error') raises on any device-to-host synchronisation."""
+    torch.manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    plain = [torch.nn.Parameter(torch.randn(4096, device="cuda", dtype=torch.bfloat16))]
+    opt = cls([{"params": plain}, {"params": mats, "rank": 16, "update_gap": 100, **group}], lr=1e-3)
+    for p in mats + plain:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the initial SVD may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in mats + plain)
+
+
+def test_cuda_bf16_projection_close_to_fp32():
+    torch.manual_seed(0)
+    w0, grads = torch.randn(512, 256, device="cuda"), [torch.randn(512, 256, device="cuda") for _ in range(20)]
+    out = []
+    for proj_dtype in ("float32", "bfloat16"):
+        w = torch.nn.Parameter(w0.clone())
+        opt = osd.AdamW([{"params": [w], "rank": 32, "proj_dtype": proj_dtype}], lr=1e-3)
+        for g in grads:
+            w.grad = g
+            opt.step()
+        out.append(w.detach())
+    assert ((out[0] - out[1]).norm() / out[0].norm()).item() < 1e-2
