@@ -88,7 +88,7 @@ class Blockwise8bit(Storage):
         numel = torch.Size(shape[1:]).numel()
         if numel < self.min_numel or numel % self.block_size:
             return super().zeros(key, shape, device, signed, dtype)
-        _torchao_quant_utils()  # fail here, with the install hint, if torchao is missing
+        _qmap(signed, device)  # built (and torchao imported) here, never inside a steady-state step
         return {
             key: torch.zeros(shape, dtype=torch.uint8, device=device),
             key + SCALE: torch.zeros(shape[0], numel // self.block_size, device=device),
