@@ -105,3 +105,11 @@ def apply(params: list[torch.Tensor], updates: torch.Tensor, lr: float, weight_d
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     updates = updates.to(params[0].dtype).view((len(params),) + params[0].shape)
     torch._foreach_add_(params, list(updates.unbind(0)), alpha=alpha)
+
+
+def lerp(params: list[torch.Tensor], targets: torch.Tensor, weight: float):
+    """``p <- p + weight (t - p)`` for every parameter and its slice of ``targets``: decoupled
+    weight decay and the update in one pass over the weights, when the update is folded
+    into ``targets`` (the subspace step scales its small ``r x k`` update for it)."""
+    targets = targets.to(params[0].dtype).view((len(params),) + params[0].shape)
+    torch._foreach_lerp_(params, list(targets.unbind(0)), weight)

@@ -219,8 +219,13 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         delta = rule.update(r, st, lr, step + 1, self.storage)
         bases = _bases(st)
-        update = projectors.project_back(delta.to(g.dtype), bases)
-        engine.apply(params, update, lr, group.get("weight_decay", 0.0), alpha=-group["scale"])
+        decay = lr * group.get("weight_decay", 0.0)
+        if decay:  # W <- (1 - decay) W - scale B D = lerp(W, -(scale / decay) B D, decay): one pass over W
+            update = projectors.project_back((delta * (-group["scale"] / decay)).to(g.dtype), bases)
+            engine.lerp(params, update, decay)
+        else:
+            update = projectors.project_back(delta.to(g.dtype), bases)
+            engine.apply(params, update, lr, 0.0, alpha=-group["scale"])
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
         if projector.after_update(g, g_projected, st, step, lr / group["initial_lr"]) and old:
             projectors.transport(st, old, rule.moments, self.storage)
