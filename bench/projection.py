@@ -102,16 +102,17 @@ def calibrate(fn, device, target_s: float = 0.1) -> int:
 
 
 def pca_case(g: torch.Tensor, rank: int, seed: int):
-    """A prepared online-PCA state for gradient ``g`` (as ``OnlinePCA.before_update`` leaves
+    """A prepared online-PCA state for gradient ``g`` (as ``OnlinePCA.refresh`` leaves
     it, with a random orthonormal basis instead of an SVD) and the two step functions."""
     pca = projectors.OnlinePCA()  # reference defaults: AdamW on P, wd 0.01, lr 1/200
-    m, n = g.shape
+    g = g.unsqueeze(0)  # the projectors work on stacks: a stack of one matrix
+    m, n = g.shape[-2:]
     rows, cols = projectors.resolve_sides("auto", m, n)
     key, dim = (projectors.ROWS, m) if rows else (projectors.COLS, n)
     gen = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
-    state = {key: basis.to(g.device)}
-    for name, t in pca.rule.init(basis.shape, g.device, pca.storage).items():
+    state = {key: basis.unsqueeze(0).to(g.device)}
+    for name, t in pca.rule.init(state[key].shape, g.device, pca.storage).items():
         state[f"{key}.{name}"] = t
     projected = projectors.project(g, state)
 
@@ -126,7 +127,7 @@ def pca_case(g: torch.Tensor, rank: int, seed: int):
 
 def autograd_update(pca: projectors.OnlinePCA, g, state, step, lr_ratio):
     """``OnlinePCA.after_update`` with the PCA gradient from autograd (one-sided case)."""
-    norm = torch.linalg.matrix_norm(g)
+    norm = torch.linalg.matrix_norm(g).view(-1, 1, 1)
     lr = pca.lr if pca.lr is not None else lr_ratio / pca.update_gap
     for key, x in ((projectors.ROWS, g), (projectors.COLS, g.mT)):
         if key not in state:

@@ -1,17 +1,21 @@
 """The optimizers: one shell that composes a projector with an update rule.
 
-For a parameter W in a *subspace group* (a param group with the key ``rank``), one step is::
+For a stack of k same-shape parameters W in a *subspace group* (a param group with the key
+``rank``; a lone parameter is a stack of one), one step is::
 
-    G  = grad as an m x n fp32 matrix          (tensors of more dims: rows x the rest)
-    projector.before_update(G)                 (SVD / random refresh, or PCA init at step 0)
-    R  = project(G)                            (r x n, m x r or r x r; osd.projectors)
-    D  = rule(R, state, lr)                    (Adam / Lion / Adafactor in the subspace)
+    G  = the gradients as k x m x n, in proj_dtype   (tensors of more dims: rows x the rest)
+    projector.refresh(G)                       (SVD / random refresh, or PCA init at step 0)
+    R  = project(G)                            (k x r x n, k x m x r or k x r x r; osd.projectors)
+    D  = rule(R, state, lr)                    (Adam / Lion / Adafactor in the subspace, fp32)
     W <- W (1 - lr wd) - scale * project_back(D)
     projector.after_update(G)                  (online PCA: one step on P)
 
+Every line is a handful of batched ops whatever k is (see :mod:`osd.engine`), and none reads
+a tensor on the host, but an SVD or random refresh.
+
 A *plain group* (no ``rank``) runs the same rule in full space with no projection: plain
-``osd.AdamW`` is ``torch.optim.AdamW``, ``osd.Lion`` the Lion paper's update and
-``osd.Adafactor`` ``transformers`` Adafactor with a fixed lr.
+``osd.AdamW`` is ``torch.optim.AdamW`` (torch's fused kernel), ``osd.Lion`` the Lion paper's
+update and ``osd.Adafactor`` ``transformers`` Adafactor with a fixed lr.
 
 Weight decay is decoupled and applied to W in full space BEFORE the update, as
 ``torch.optim.AdamW`` does. GaLore and the OSD reference apply it after; the difference
@@ -20,11 +24,11 @@ per step is ``lr^2 * wd * update``, far below training noise.
 Adam's eps: plain groups add it after bias correction (torch.optim.AdamW), subspace groups
 before (GaLore and the OSD reference); see :class:`osd.rules.Adam`.
 
-State dtypes: subspace moments and bases are fp32 (all projection maths is fp32, also for
-bf16 weights); plain-group moments take the parameter's dtype, as in torch.optim.AdamW;
-8-bit storage (``AdamW8bit``) keeps moments as uint8 codes + fp32 block scales. ``step``
-is a Python int. ``state_dict()`` holds tensors and Python scalars only and loads with
-``torch.load(weights_only=True)``.
+State dtypes: subspace moments and bases are fp32 (the projection matmuls run in the
+group's ``proj_dtype``, by default the gradient's); plain-group moments take the
+parameter's dtype, as in torch.optim.AdamW; 8-bit storage (``AdamW8bit``) keeps moments as
+uint8 codes + fp32 block scales. ``step`` is a Python int. ``state_dict()`` holds tensors and
+Python scalars only and loads with ``torch.load(weights_only=True)``.
 
 When NOT to use a subspace group: for vectors, embeddings and the output head (use
 :func:`osd.param_groups`, which leaves them plain), and for small models where optimizer
@@ -136,8 +140,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a stack takes parameters of one param group, got groups {sorted(groups)}")
         group = self.param_groups[groups.pop()]
         steps = {self.state[p].get("step", 0) for p in params}
-        shapes = {(tuple(p.shape), p.dtype, p.device) for p in params}
-        if len(steps) != 1 or (len(shapes) != 1 and not self._fused_plain(group, params[0])):
+        fused = self._fused_plain(group, params[0])  # torch's fused kernel takes any shapes
+        shapes = {(None if fused else tuple(p.shape), p.dtype, p.device) for p in params}
+        if len(steps) != 1 or len(shapes) != 1:
             raise ValueError(
                 f"a stack takes parameters of one shape, dtype, device and step count, got {sorted(map(str, shapes))} "
                 f"at steps {sorted(steps)}; use optimizer.stacks(params) to form stacks"

@@ -33,7 +33,9 @@ one place (:func:`from_group`):
   ``C`` is the projected gradient divided by ``||G||``, so a one-sided step needs a single
   extra m x n x r matmul (``Y``).
 
-All basis maths is fp32 whatever the parameter dtype; bases are fp32 tensors.
+Every function takes stacks of matrices (a leading dimension k). Bases are fp32 tensors, and
+so is all basis maths but the products with the gradient, which run in the group's
+``proj_dtype`` (:func:`proj_dtype`).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class Blockwise8bit(Storage):
             return state[key]
         codes, scale = state[key], state[key + SCALE]
         qmap = _qmap(state[key + SIGNED], codes.device)[0]
-        return (qmap.take(codes.long()).view(scale.shape + (-1,)) * scale.unsqueeze(-1)).view(codes.shape)
+        return (qmap[codes.int()].view(scale.shape + (-1,)) * scale.unsqueeze(-1)).view(codes.shape)
 
     def store(self, state, key, value):
         if key + SCALE not in state:
