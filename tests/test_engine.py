@@ -286,8 +286,8 @@ def test_auto_projection_dtype_is_the_gradients():
     "group,message",
     [
         ({"rank": 4, "proj_dtype": "fp8"}, r"unknown proj_dtype 'fp8'; valid: auto, float32, bfloat16, float16"),
-        ({"rank": 4, "max_stack_bytes": 0}, r"max_stack_bytes must be a positive integer, got 0"),
-        ({"max_stack_bytes": 1.5}, r"max_stack_bytes must be a positive integer, got 1.5"),
+        ({"rank": 4, "max_stack_bytes": 0}, r"max_stack_bytes must be a positive integer or None, got 0"),
+        ({"max_stack_bytes": 1.5}, r"max_stack_bytes must be a positive integer or None, got 1.5"),
     ],
 )
 def test_bad_engine_options(group, message):
@@ -306,3 +306,15 @@ def test_update_rejects_a_mixed_stack():
     with pytest.raises(ValueError, match=r"a parameter of shape \(3,\) is not in this optimizer"):
         opt.update([torch.nn.Parameter(torch.zeros(3))], [torch.zeros(3)])
     assert [len(s) for s in opt.stacks([a, b, c])] == [1, 1, 1]
+
+
+def test_stack_bound_defaults_by_device():
+    """Fully batched on accelerators and meta (512 MiB), 4 MiB stacks on the CPU; a group's
+    max_stack_bytes overrides both."""
+    cpu = [torch.nn.Parameter(torch.zeros(1024, 512)) for _ in range(6)]  # 2 MiB of fp32 gradient each
+    meta = [torch.nn.Parameter(torch.zeros(1024, 512, device="meta")) for _ in range(6)]
+    opt = osd.AdamW([{"params": cpu, "rank": 4}, {"params": meta, "rank": 4}])
+    assert [len(s) for s in opt.stacks(cpu)] == [2, 2, 2]
+    assert [len(s) for s in opt.stacks(meta)] == [6]
+    opt.param_groups[0]["max_stack_bytes"] = 2**30
+    assert [len(s) for s in opt.stacks(cpu)] == [6]

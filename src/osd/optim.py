@@ -68,9 +68,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # lr_0 of the online-PCA rule proj_lr = (1/T) * lr_t / lr_0; torch's schedulers use
         # the same key (and setdefault it the same way).
         group.setdefault("initial_lr", group["lr"])
-        limit = group.get("max_stack_bytes", engine.MAX_STACK_BYTES)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"max_stack_bytes must be a positive integer, got {limit!r}")
+        limit = group.get("max_stack_bytes")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ValueError(f"max_stack_bytes must be a positive integer or None, got {limit!r}")
         if "rank" in group:
             names = group.get("param_names") or [
                 f"#{i} (shape {tuple(p.shape)})" for i, p in enumerate(group["params"])
@@ -114,7 +114,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if shape is None:
                 out.append(members)
                 continue
-            limit = self.param_groups[gi].get("max_stack_bytes", engine.MAX_STACK_BYTES)
+            limit = self.param_groups[gi].get("max_stack_bytes") or engine.max_stack_bytes(members[0].device)
             out.extend(engine.split(members, torch.Size(shape).numel() * 4, limit))
         return out
 
