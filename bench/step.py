@@ -99,6 +99,9 @@ def parse_args(argv=None):
         help="comma-separated candidates (default: all but the for-loop and torchao rows, the slowest)",
     )
     p.add_argument(
+        "--max-stack-bytes", type=int, default=None, help="osd groups' max_stack_bytes (default: the device's)"
+    )
+    p.add_argument(
         "--proj-dtype", default="auto", help="osd subspace groups' proj_dtype (default: %(default)s, the gradient's)"
     )
     p.add_argument("--rank", type=int, default=None, help="override the rank (default: 128 for 60m, 256 for 350m)")
@@ -136,7 +139,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(method: str, params: list, rank: int, proj_dtype: str = "auto"):
+def build(method: str, params: list, rank: int, proj_dtype: str = "auto", stack_bytes: int | None = None):
     if method == "torch AdamW foreach":
         return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=WD, foreach=True)
     if method == "torch AdamW fused":
@@ -151,9 +154,10 @@ def build(method: str, params: list, rank: int, proj_dtype: str = "auto"):
         cls = osd.AdamW8bit if method.startswith("osd AdamW8bit") else osd.AdamW
         projector = method.split()[-1]
         if projector == "plain":
-            return cls(params, lr=LR, eps=EPS, weight_decay=WD)
+            return cls([dict(params=params, max_stack_bytes=stack_bytes)], lr=LR, eps=EPS, weight_decay=WD)
         group = dict(params=params, rank=rank, projector=projector, update_gap=UPDATE_GAP, scale=SCALE)
-        return cls([dict(group, proj_dtype=proj_dtype)], lr=LR, eps=EPS, weight_decay=WD)
+        group.update(proj_dtype=proj_dtype, max_stack_bytes=stack_bytes)
+        return cls([group], lr=LR, eps=EPS, weight_decay=WD)
     if method == "galore AdamW":
         import galore_torch
 
@@ -196,7 +200,9 @@ class _CountOps:
         self.mode = Mode()
 
 
-def ops_per_matrix(method: str, hidden: int, inter: int, rank: int, proj_dtype: str) -> tuple[float | None, str]:
+def ops_per_matrix(
+    method: str, hidden: int, inter: int, rank: int, proj_dtype: str, stack_bytes: int | None = None
+) -> tuple[float | None, str]:
     """(non-view aten ops per matrix in one steady-state step at OPS_LAYERS layers, host reads)
     measured on the meta device, where any host read (.item(), if tensor) raises."""
     shapes = llama_shapes(hidden, inter, OPS_LAYERS)
@@ -206,7 +212,7 @@ def ops_per_matrix(method: str, hidden: int, inter: int, rank: int, proj_dtype: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = build(method, params, rank, proj_dtype)
+            opt = build(method, params, rank, proj_dtype, stack_bytes)
             for _ in range(2):
                 opt.step()
         count = _CountOps()
@@ -254,7 +260,7 @@ def run_model(model: str, args, device, log) -> list[dict]:
     for method in args.methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opts[method] = build(method, params, rank, args.proj_dtype)
+            opts[method] = build(method, params, rank, args.proj_dtype, args.max_stack_bytes)
         first[method] = timed_steps(opts[method], device, 1)
         warm = timed_steps(opts[method], device, args.warmup) if args.warmup else first[method]
         number[method] = max(1, min(10, round(args.target_s / warm)))
@@ -289,7 +295,7 @@ def run_model(model: str, args, device, log) -> list[dict]:
     base = statistics.median(times[BASELINE]) if BASELINE in times else None
     for method in args.methods:
         ms = statistics.median(times[method])
-        ops, host = ops_per_matrix(method, hidden, inter, rank, args.proj_dtype)
+        ops, host = ops_per_matrix(method, hidden, inter, rank, args.proj_dtype, args.max_stack_bytes)
         rows.append(
             dict(
                 model=model,
