@@ -345,3 +345,13 @@ def test_cli_process_error_is_one_line_with_exit_code_2(fx, tmp_path):
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("osd-train: error: dataset: token id ") and "vocab_size 16" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_proj_dtype_reaches_the_subspace_group(model):
+    _, sub = build(model, "galore_adamw", "continuous").param_groups
+    assert sub["proj_dtype"] == "auto"
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "float32"])
+    _, sub = build(model, "galore_adamw", "continuous", proj_dtype=args.proj_dtype).param_groups
+    assert sub["proj_dtype"] == "float32"
+    with pytest.raises(train.UsageError, match=r"argument --proj_dtype: invalid choice: 'fp8' \(choose from 'auto'"):
+        train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "fp8"])
