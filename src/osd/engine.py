@@ -18,9 +18,8 @@ stacked gradients and updates (``k m n`` elements each) are split into stacks of
 that many bytes of fp32 gradient. The default (:func:`max_stack_bytes`) depends on the
 device: 512 MiB on accelerators (and ``meta``), where every op is a kernel launch and
 stacking is what makes a step fast; 4 MiB on the CPU, where an op costs microseconds but a
-fresh allocation above glibc's mmap threshold costs page faults on every step (LLaMA-60m's
-matrices, 2-core CPU: the SVD step 233 ms fully batched against 148 ms in 4 MiB stacks,
-galore-torch 144-158 ms; README, "Optimizer step").
+fresh allocation above glibc's mmap threshold costs page faults on every step (README,
+"Optimizer step": LLaMA-60m's matrices on a 2-core CPU).
 """
 
 from __future__ import annotations
