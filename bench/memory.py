@@ -126,24 +126,16 @@ def trainer_args(method: Method, rank: int) -> SimpleNamespace:
 
 def measure(size: str, method: Method, rank: int, ckpt: bool, batch_size: int, seq_len: int, steps: int) -> dict:
     """Peak allocated bytes and tokens/s of ``steps`` bf16 training steps on random tokens."""
-    from transformers import LlamaForCausalLM
-
     from osd.cli_options import build_optimizer
-    from osd.models import model_config
+    from osd.models import build_model
 
     gc.collect()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    config = model_config(size)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = build_model(size, torch.bfloat16, "cuda")
+    config = model.config
     if ckpt:  # as osd-train does
         enable = getattr(model, "activation_checkpointing_enable", None)
         enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})

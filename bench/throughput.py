@@ -172,22 +172,14 @@ def profile_step(model, opt, ids, device) -> dict:
 
 
 def run_row(size: str, method: str, args) -> list[dict]:
-    from transformers import LlamaForCausalLM
-
-    from osd.models import model_config
+    from osd.models import build_model
 
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
     torch.manual_seed(0)
-    config = model_config(size)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(args.dtype)
-    try:
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = build_model(size, args.dtype, args.device)
+    config = model.config
     model.train()
     first_setting = args.settings[0]
     opt = build(method, model, RANKS[size], args.settings_map[first_setting][1])

@@ -104,6 +104,23 @@ def model_config(spec: str):
     return LlamaConfig(**resolve(spec))
 
 
+def build_model(spec: str, dtype=None, device=None):
+    """``transformers.LlamaForCausalLM`` for :func:`resolve`'s ``spec``, created directly in
+    ``dtype`` on ``device`` (no fp32 copy on the host first: what the benchmarks measure)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = model_config(spec)
+    default = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def architecture(config) -> dict:
     """The fields of a LlamaConfig (or its dict) that must match to load weights."""
     fields = config if isinstance(config, dict) else config.to_dict()
