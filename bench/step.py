@@ -37,8 +37,9 @@ tensors in ``optimizer.state`` (galore: plus its projector's ``ortho_matrix``).
 
 Ops per matrix: the non-view aten ops one steady-state step dispatches (each is at least one
 kernel on a GPU), counted with a ``TorchDispatchMode`` for 16 layers of the model's matrices on
-the ``meta`` device, divided by the number of matrices; on ``meta`` any host read (``.item()``,
-``if tensor``) raises, which the "host reads" column reports.
+the benchmark's device (``--device``) with its stack settings, divided by the number of
+matrices. The same steps are also run on the ``meta`` device, where any host read
+(``.item()``, ``if tensor``) raises: the "host reads" column.
 
 Writes OUT/step.md and the bar plot OUT/step.png (OUT defaults to bench/out).
 """
@@ -99,7 +100,7 @@ def parse_args(argv=None):
         help="comma-separated candidates (default: all but the for-loop and torchao rows, the slowest)",
     )
     p.add_argument(
-        "--max-stack-bytes", type=int, default=None, help="osd groups' max_stack_bytes (default: the device's)"
+        "--max-stack-bytes", type=int, default=None, help="osd groups' max_stack_bytes (default: osd's, 512 MiB)"
     )
     p.add_argument(
         "--proj-dtype", default="auto", help="osd subspace groups' proj_dtype (default: %(default)s, the gradient's)"
@@ -200,30 +201,38 @@ class _CountOps:
         self.mode = Mode()
 
 
-def ops_per_matrix(
-    method: str, hidden: int, inter: int, rank: int, proj_dtype: str, stack_bytes: int | None = None
-) -> tuple[float | None, str]:
-    """(non-view aten ops per matrix in one steady-state step at OPS_LAYERS layers, host reads)
-    measured on the meta device, where any host read (.item(), if tensor) raises."""
-    shapes = llama_shapes(hidden, inter, OPS_LAYERS)
-    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
+def count_step(method: str, shapes, rank: int, proj_dtype: str, stack_bytes: int | None, device) -> float:
+    """Non-view aten ops per matrix that one steady-state step dispatches on ``device``."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).mul_(0.02).to(device)) for s in shapes]
     for p in params:
-        p.grad = torch.empty_like(p)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt = build(method, params, rank, proj_dtype, stack_bytes)
-            for _ in range(2):
-                opt.step()
-        count = _CountOps()
-        with count.mode:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = build(method, params, rank, proj_dtype, stack_bytes)
+        for _ in range(2):
             opt.step()
+    count = _CountOps()
+    with count.mode:
+        opt.step()
+    return count.total / len(shapes)
+
+
+def ops_per_matrix(
+    method: str, hidden: int, inter: int, rank: int, proj_dtype: str, stack_bytes: int | None, device
+) -> tuple[float | None, str]:
+    """(non-view aten ops per matrix in one steady-state step at OPS_LAYERS layers, counted
+    on ``device`` with the benchmark's own stack settings; host reads), the host reads found
+    by running the same steps on the meta device, where any (.item(), if tensor) raises."""
+    shapes = llama_shapes(hidden, inter, OPS_LAYERS)
+    try:
+        count_step(method, shapes, rank, proj_dtype, stack_bytes, "meta")
+        host = "none"
     except Exception as e:  # noqa: BLE001 - reported in the table
         text = str(e).lower()
-        host = any(k in text for k in ("item()", "copy out of meta", "data-dependent", "data dependent"))
-        reason = "host reads" if host else "n/a: does not run on meta"
-        return None, reason
-    return count.total / len(shapes), "none"
+        reads = any(k in text for k in ("item()", "copy out of meta", "data-dependent", "data dependent"))
+        host = "host reads" if reads else "n/a: does not run on meta"
+    return count_step(method, shapes, rank, proj_dtype, stack_bytes, device), host
 
 
 def set_step(opt, step: int):
@@ -295,7 +304,7 @@ def run_model(model: str, args, device, log) -> list[dict]:
     base = statistics.median(times[BASELINE]) if BASELINE in times else None
     for method in args.methods:
         ms = statistics.median(times[method])
-        ops, host = ops_per_matrix(method, hidden, inter, rank, args.proj_dtype, args.max_stack_bytes)
+        ops, host = ops_per_matrix(method, hidden, inter, rank, args.proj_dtype, args.max_stack_bytes, device)
         rows.append(
             dict(
                 model=model,

@@ -13,13 +13,11 @@ slice of one ``k x ...`` tensor, so a step reads the stack without copying it
 (:func:`stack_state`). Stacks are rebuilt (one copy) only when the members change: after
 ``load_state_dict``, or when a parameter of the stack got no gradient.
 
-``max_stack_bytes`` (a param-group option) bounds the temporaries a stack allocates: the
-stacked gradients and updates (``k m n`` elements each) are split into stacks of at most
-that many bytes of fp32 gradient. The default (:func:`max_stack_bytes`) depends on the
-device: 512 MiB on accelerators (and ``meta``), where every op is a kernel launch and
-stacking is what makes a step fast; 4 MiB on the CPU, where an op costs microseconds but a
-fresh allocation above glibc's mmap threshold costs page faults on every step (README,
-"Optimizer step": LLaMA-60m's matrices on a 2-core CPU).
+``max_stack_bytes`` (a param-group option, default :data:`MAX_STACK_BYTES` on every device)
+bounds the temporaries a stack allocates: the stacked gradients and updates (``k m n``
+elements each) are split into stacks of at most that many bytes of fp32 gradient. On a CPU
+smaller stacks can be faster (large fresh allocations page-fault there; README, "Optimizer
+step"), at the price of more ops per step.
 """
 
 from __future__ import annotations
@@ -27,12 +25,6 @@ from __future__ import annotations
 import torch
 
 MAX_STACK_BYTES = 512 * 2**20  # llama_350m's largest stack (24 x 2736 x 1024 fp32) fits whole
-CPU_STACK_BYTES = 4 * 2**20
-
-
-def max_stack_bytes(device: torch.device) -> int:
-    """The default bound on a stack's gradient bytes on ``device``."""
-    return CPU_STACK_BYTES if device.type == "cpu" else MAX_STACK_BYTES
 
 
 def stack_state(states: list[dict]) -> dict:

@@ -114,7 +114,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if shape is None:
                 out.append(members)
                 continue
-            limit = self.param_groups[gi].get("max_stack_bytes") or engine.max_stack_bytes(members[0].device)
+            limit = self.param_groups[gi].get("max_stack_bytes") or engine.MAX_STACK_BYTES
             out.extend(engine.split(members, torch.Size(shape).numel() * 4, limit))
         return out
 
