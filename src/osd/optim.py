@@ -101,12 +101,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         fp32 gradient. Plain AdamW groups with full-precision state form one stack per device and
         dtype (torch's fused kernel takes lists of any shapes)."""
         buckets: dict[tuple, list] = {}
+        fused: dict[tuple, bool] = {}  # (group, dtype) -> runs torch's fused AdamW
+        group_of = self._positions()[0]
         for p in params:
-            gi = self._group_index(p)
+            gi = group_of.get(p)
+            if gi is None:
+                gi = self._group_index(p)  # raises for a parameter of another optimizer
             group = self.param_groups[gi]
-            shape = _matrix_shape(p) if "rank" in group else tuple(p.shape)
-            if self._fused_plain(group, p):
+            if (gi, p.dtype) not in fused:
+                fused[gi, p.dtype] = self._fused_plain(group, p.dtype)
+            if fused[gi, p.dtype]:
                 shape = None
+            else:
+                shape = _matrix_shape(p) if "rank" in group else tuple(p.shape)
             key = (gi, shape, p.dtype, p.device, self.state[p].get("step", 0))
             buckets.setdefault(key, []).append(p)
         out = []
@@ -118,21 +125,29 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             out.extend(engine.split(members, torch.Size(shape).numel() * 4, limit))
         return out
 
+    def _positions(self, rebuild: bool = False) -> tuple[dict, dict]:
+        """(parameter -> group index, parameter -> position over all groups), rebuilt when
+        the groups change."""
+        key = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if rebuild or getattr(self, "_groups_of", None) is None or self._groups_of[0] != key:
+            ordered = [(i, q) for i, g in enumerate(self.param_groups) for q in g["params"]]
+            group_of = {q: i for i, q in ordered}
+            position = {q: n for n, (_, q) in enumerate(ordered)}
+            self._groups_of = (key, group_of, position)
+        return self._groups_of[1], self._groups_of[2]
+
     def _group_index(self, p) -> int:
-        for attempt in range(2):
-            key = tuple(id(g) for g in self.param_groups)
-            if attempt or getattr(self, "_groups_of", None) is None or self._groups_of[0] != key:
-                ordered = [q for g in self.param_groups for q in g["params"]]
-                where = {q: i for i, g in enumerate(self.param_groups) for q in g["params"]}
-                self._groups_of = (key, where, {q: i for i, q in enumerate(ordered)})
-            if p in self._groups_of[1]:
-                return self._groups_of[1][p]
-        raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in this optimizer")
+        group_of = self._positions()[0]
+        if p not in group_of:
+            group_of = self._positions(rebuild=True)[0]  # a group's param list was edited in place
+            if p not in group_of:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in this optimizer")
+        return group_of[p]
 
     def _seeds(self, params) -> list[int]:
         """Each parameter's 1-based position over all groups (the random projector's seed)."""
-        self._group_index(params[0])
-        return [self._groups_of[2][p] + 1 for p in params]
+        position = self._positions()[1]
+        return [position[p] + 1 for p in params]
 
     def _stack_group(self, params) -> dict:
         groups = {self._group_index(p) for p in params}
@@ -140,7 +155,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a stack takes parameters of one param group, got groups {sorted(groups)}")
         group = self.param_groups[groups.pop()]
         steps = {self.state[p].get("step", 0) for p in params}
-        fused = self._fused_plain(group, params[0])  # torch's fused kernel takes any shapes
+        fused = self._fused_plain(group, params[0].dtype)  # torch's fused kernel takes any shapes
         shapes = {(None if fused else tuple(p.shape), p.dtype, p.device) for p in params}
         if len(steps) != 1 or len(shapes) != 1:
             raise ValueError(
@@ -149,14 +164,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             )
         return group
 
-    def _fused_plain(self, group, p) -> bool:
+    def _fused_plain(self, group, dtype) -> bool:
         """Plain AdamW with full-precision state runs torch's fused AdamW kernel (the same
         maths as torch.optim.AdamW)."""
         return (
             "rank" not in group
             and self.storage is FP32
+            and dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
             and isinstance(self.rule(group), Adam)
-            and p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         )
 
     # -- the step of one stack: public entry points ----------------------------------------
@@ -242,7 +257,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         step = states[0].setdefault("step", 0)
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
-        if self._fused_plain(group, params[0]):
+        if self._fused_plain(group, params[0].dtype):
             _fused_adamw(params, grads, states, group, step)
         else:
             dtype = params[0].dtype if self.storage is FP32 else torch.float32

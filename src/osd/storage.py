@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SCALE, SIGNED = ".scale", ".signed"
 
@@ -86,8 +87,6 @@ def _kernels(tensor: torch.Tensor, compile: bool):
     """(dequantize, quantize): compiled once with dynamic shapes (one graph for every stack
     shape), or eager on the meta device, under a dispatch mode (op counting), when asked, or
     when compilation failed once (with a warning)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
     if not compile or tensor.device.type == "meta" or _get_current_dispatch_mode() is not None:
         return _dequantize, _quantize
     if "compiled" not in _KERNELS:
