@@ -163,7 +163,13 @@ def profile_step(model, opt, ids, device) -> dict:
             train_step(model, opt, ids, 1)
         sync(device)
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU-side events minus the profiler's ranges (e.g. "Optimizer.step#AdamW.step", which
+    # would count the step's kernels twice)
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
     table = prof.key_averages().table(
         sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total", row_limit=15
