@@ -56,7 +56,7 @@ class Method:
     optimizer: str  # osd-train --optimizer
     proj_type: str = "std"  # osd-train --proj_type
     estimator: str = "adamw"  # osd.memory.estimate's optimizer
-    proj_optimizer: str = "adamw"
+    proj_optimizer: str | None = None  # osd's basis optimizer (None: adamw)
 
     @property
     def subspace(self) -> bool:

@@ -251,6 +251,15 @@ def test_cli_prints_a_table(capsys):
         (["--model", "nope"], "osd-memory: error: unknown model 'nope'"),
         (["--optimizer", "adamw"], "osd-memory: error: the following arguments are required: --model"),
         (["--model", "llama_9m", "--batch_size", "x"], "osd-memory: error: argument --batch_size: invalid int"),
+        (
+            ["--model", "llama_9m", "--seq_len", "100000"],
+            "osd-memory: error: seq_len 100000 exceeds the model's max_position_embeddings 1024",
+        ),
+        (["--model", "llama_9m", "--dtype", "float16"], "osd-memory: error: dtype float16 is not supported"),
+        (
+            ["--model", "llama_9m", "--optimizer", "galore", "--rank", "8", "--proj_optimizer", "sgd"],
+            "osd-memory: error: proj_optimizer is the online-PCA basis optimizer of osd, not of galore",
+        ),
     ],
 )
 def test_cli_errors_exit_2_with_one_line(argv, message, capsys):
@@ -296,3 +305,11 @@ def test_bench_measure_needs_cuda(capsys):
         _bench().parse_args(["--measure"])
     assert info.value.code == 2
     assert "--measure needs a CUDA device" in capsys.readouterr().err
+
+
+def test_cli_warns_when_the_rank_is_clamped(capsys):
+    assert main(["--model", "llama_9m", "--optimizer", "osd", "--rank", "4096"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("osd-memory: warning: rank 4096 > the smaller side of") and err.count("\n") == 1
+    with pytest.warns(UserWarning, match="clamped"):
+        estimate("llama_9m", optimizer="galore", rank=4096)

@@ -296,6 +296,20 @@ def bad_cases(fx, tmp):
         "no eval dataset": (dict(eval_dataset=None), "--eval_dataset is required"),
         "not a checkpoint": (dict(continue_from=not_ckpt), "not an osd-train checkpoint"),
         "bad number": (dict(lr="fast"), "invalid float value"),
+        "lr nan": (dict(lr="nan"), "--lr must be a finite number, got nan"),
+        "lr inf": (dict(lr="inf"), "--lr must be a finite number, got inf"),
+        "lr zero": (dict(lr=0), "--lr must be in (0, inf), got 0.0"),
+        "negative weight decay": (dict(weight_decay=-0.1), "--weight_decay must be in [0, inf), got -0.1"),
+        "negative clipping": (dict(grad_clipping=-1), "--grad_clipping must be in [0, inf), got -1.0"),
+        "negative scale": (dict(galore_scale=-1), "--galore_scale must be in (0, inf), got -1.0"),
+        "nan scale": (dict(galore_scale="nan"), "--galore_scale must be a finite number"),
+        "negative proj_lr": (dict(proj_lr=-1), "--proj_lr must be in (0, inf), got -1.0"),
+        "nan proj_lr": (dict(proj_lr="nan"), "--proj_lr must be a finite number"),
+        "negative orth_reg": (dict(orth_reg=-0.1), "--orth_reg must be in [0, inf), got -0.1"),
+        "beta1 one": (dict(optimizer="adafactor", beta1=1), "--beta1 must be in [0, 1), got 1.0"),
+        "eval_tokens 0": (dict(eval_tokens=0), "--eval_tokens must be in (0, inf), got 0"),
+        "negative keep": (dict(keep_checkpoints=-1), "--keep_checkpoints must be in [0, inf), got -1"),
+        "min_lr_ratio 0": (dict(min_lr_ratio=0), "--min_lr_ratio must be in (0, 1], got 0.0"),
     }
 
 

@@ -63,6 +63,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 from osd.groups import TARGET_MODULES
@@ -106,6 +107,7 @@ class LlamaShape:
     head_dim: int | None = None
     tied: bool = False
     name: str = ""
+    positions: int | None = None  # max_position_embeddings, where the config gives it
 
     @property
     def kv(self) -> int:
@@ -164,6 +166,7 @@ def _from_config(config: dict, where: str) -> LlamaShape:
         head_dim=config.get("head_dim"),
         tied=bool(config.get("tie_word_embeddings", False)),
         name=str(config.get("_name_or_path") or where),
+        positions=config.get("max_position_embeddings"),
     )
 
 
@@ -262,19 +265,28 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 256,
     activation_checkpointing: bool = False,
-    proj_optimizer: str = "adamw",
+    proj_optimizer: str | None = None,
 ) -> Estimate:
     """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
 
     ``config``: a LLaMA size name, a path to a HF config JSON, or a config dict.
     ``optimizer``: adamw, adamw8bit (= adamw with ``eight_bit``), galore (SVD basis) or osd
-    (online-PCA basis, whose own optimizer is ``proj_optimizer``); galore/osd need ``rank``.
+    (online-PCA basis, whose own optimizer is ``proj_optimizer``, default adamw); galore/osd
+    need ``rank``. The inputs are checked as ``osd-train`` checks them (float16, a sequence
+    longer than the model's positions and a basis optimizer for anything but osd are
+    refused); a rank above a matrix's smaller side is clamped, as the optimizer does, with a
+    warning.
     """
     shape = model_shape(config)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
+    if DTYPE_BYTES[dtype] == 2 and dtype in ("float16", "fp16"):
+        raise ValueError("dtype float16 is not supported (osd-train trains in bfloat16 or float32)")
+    if proj_optimizer is not None and optimizer != "osd":
+        raise ValueError(f"proj_optimizer is the online-PCA basis optimizer of osd, not of {optimizer}")
+    proj_optimizer = proj_optimizer or "adamw"
     if proj_optimizer not in PROJ_OPTIMIZERS:
         raise ValueError(f"unknown proj_optimizer {proj_optimizer!r}; valid: {', '.join(PROJ_OPTIMIZERS)}")
     subspace = optimizer in ("galore", "osd")
@@ -289,9 +301,20 @@ def estimate(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if shape.positions is not None and seq_len > shape.positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {shape.positions}")
     eight_bit = eight_bit or optimizer == "adamw8bit"
     e = DTYPE_BYTES[dtype]
     params = llama_parameters(shape)
+    if subspace:
+        clamped = [p for p in params if p.targeted and rank > min(p.shape)]
+        if clamped:
+            smallest = min(min(p.shape) for p in clamped)
+            warnings.warn(
+                f"rank {rank} > the smaller side of {len(clamped)} matrices (smallest {smallest}): "
+                "clamped to that side there, as the optimizer does",
+                stacklevel=2,
+            )
 
     weights = gradients = sum(p.numel for p in params) * e
 
@@ -421,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=None, help="subspace rank (galore, osd)")
     parser.add_argument("--eight_bit", action="store_true", help="8-bit optimizer moments")
     parser.add_argument("--per_layer", action="store_true", help="per-layer (in-backward) updates")
-    parser.add_argument("--proj_optimizer", default="adamw", help=f"osd basis optimizer: {', '.join(PROJ_OPTIMIZERS)}")
+    parser.add_argument("--proj_optimizer", help=f"osd basis optimizer: {', '.join(PROJ_OPTIMIZERS)} (default adamw)")
     parser.add_argument("--dtype", default="bfloat16", help=", ".join(DTYPE_BYTES))
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -429,22 +452,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation_checkpointing", action="store_true")
     args = parser.parse_args(argv)
     try:
-        result = estimate(
-            args.model,
-            optimizer=args.optimizer,
-            rank=args.rank,
-            eight_bit=args.eight_bit,
-            per_layer=args.per_layer,
-            gradient_accumulation=args.gradient_accumulation,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            activation_checkpointing=args.activation_checkpointing,
-            proj_optimizer=args.proj_optimizer,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = estimate(
+                args.model,
+                optimizer=args.optimizer,
+                rank=args.rank,
+                eight_bit=args.eight_bit,
+                per_layer=args.per_layer,
+                gradient_accumulation=args.gradient_accumulation,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                activation_checkpointing=args.activation_checkpointing,
+                proj_optimizer=args.proj_optimizer,
+            )
     except ValueError as e:
         print(f"osd-memory: error: {e}", file=sys.stderr)
         return 2
+    for w in caught:
+        print(f"osd-memory: warning: {w.message}", file=sys.stderr)
     print(result.table())
     return 0
 

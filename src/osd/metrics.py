@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 FILE = "metrics.jsonl"
@@ -21,23 +22,37 @@ FILE = "metrics.jsonl"
 
 class MetricsLog:
     """Appends lines to ``run_dir/metrics.jsonl``. On resume, lines after the resumed step
-    (written by the interrupted run) are dropped first, so the file reads as one run."""
+    (written by the interrupted run) are dropped first, so the file reads as one run; so is a
+    partial line a killed process left. Non-finite numbers are written as ``null`` (bare
+    ``NaN`` is not JSON), so every line stays valid JSON."""
 
-    def __init__(self, run_dir, resume_step: int | None = None):
+    def __init__(self, run_dir, resume_step: int = 0):
         self.path = Path(run_dir) / FILE
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None]
+            kept = [line for line in kept if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics line, or None for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def read(run_dir) -> list[dict]:
+    """The records of a run (a partial last line, from a killed process, is skipped)."""
     path = Path(run_dir)
     path = path if path.is_file() else path / FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if _step(line) is not None]
 
 
 def plot(run_dirs, out) -> None:

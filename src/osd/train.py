@@ -16,9 +16,10 @@ draws loss curves. What differs from the seed, on purpose:
 * checkpoints hold everything (model, optimizer, scheduler, data position, RNG) and resume
   exactly.
 
-Bad input (unknown names, sizes that do not divide, unreadable data, a checkpoint of another
-run) ends with a one-line ``osd-train: error: ...`` on stderr and exit code 2, before
-anything is written.
+Bad input (unknown names, sizes or numbers out of range, unreadable data, a damaged
+checkpoint or one of another run, a save_dir holding another run) ends with a one-line
+``osd-train: error: ...`` on stderr and exit code 2, before anything is written. A run
+whose loss becomes non-finite stops with exit code 3 and keeps its last finite checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -50,6 +52,20 @@ PROG = "osd-train"
 
 class UsageError(Exception):
     """Reported as one line on stderr, exit code 2."""
+
+
+class Diverged(Exception):
+    """The loss or the weights became non-finite: reported as one line, exit code 3."""
+
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+# flags a resumed run may change: they do not touch the trajectory of the weights (a new
+# --num_training_steps / --max_train_tokens stretches the lr schedule from the resumed step)
+RESUMABLE_CHANGES = frozenset(
+    "num_training_steps max_train_tokens eval_every save_every log_every eval_tokens eval_dataset "
+    "keep_checkpoints save_dir log_dir name tags wandb workers continue_from auto_resume overwrite config "
+    "log_details use_hf_model single_gpu".split()
+)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -89,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the seed's flags
     p.add_argument("--model_config", help="size name (llama_9m .. llama_7b), a config JSON, or a model dir")
     flag("--use_hf_model", help="accepted for the seed's command lines: the model is always HF LlamaForCausalLM")
-    p.add_argument("--continue_from", help="checkpoint directory (or a save_dir: its newest checkpoint)")
+    p.add_argument("--continue_from", help="checkpoint directory (or a save_dir: its newest intact checkpoint)")
     p.add_argument("--batch_size", type=int, help="sequences per micro-batch per process")
     p.add_argument("--gradient_accumulation", type=int)
     p.add_argument("--total_batch_size", type=int, help="sequences per optimizer step, all processes")
@@ -141,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
+    flag(
+        "--auto_resume",
+        help="resume from the newest intact checkpoint of --continue_from or else --save_dir; start fresh if none",
+    )
+    flag("--overwrite", help="start a fresh run in a --save_dir that holds another run (deletes its checkpoints)")
     flag("--wandb", help="also log to Weights & Biases")
     return p
 
@@ -212,10 +233,7 @@ def resolve(args, world_size: int) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise UsageError(f"--{key} must be positive, got {value}")
-    if args.warmup_steps < 0:
-        raise UsageError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
-    if not 0 < args.min_lr_ratio <= 1:
-        raise UsageError(f"--min_lr_ratio must be in (0, 1], got {args.min_lr_ratio}")
+    check_numbers(args)
 
     per_step = args.batch_size * world_size
     if args.total_batch_size is None:
@@ -263,15 +281,79 @@ def resolve(args, world_size: int) -> argparse.Namespace:
     return args
 
 
-def check_resume(args) -> Path | None:
-    """The checkpoint to resume from, after checking it belongs to this run's model."""
-    if args.continue_from is None:
-        return None
+# flag -> (lowest, lowest allowed?, highest, highest allowed?); None: unbounded
+RANGES = {
+    "lr": (0, False, None, None),
+    "weight_decay": (0, True, None, None),
+    "min_lr_ratio": (0, False, 1, True),
+    "grad_clipping": (0, True, None, None),
+    "beta1": (0, True, 1, False),
+    "galore_scale": (0, False, None, None),
+    "proj_lr": (0, False, None, None),
+    "orth_reg": (0, True, None, None),
+    "warmup_steps": (0, True, None, None),
+    "retract_every": (0, True, None, None),
+    "keep_checkpoints": (0, True, None, None),
+    "eval_tokens": (0, False, None, None),
+    "seed": (0, True, None, None),
+    "workers": (0, True, None, None),
+}
+
+
+def check_numbers(args) -> None:
+    """Every numeric flag finite and in its range (raises UsageError naming it)."""
+    for key, (low, low_ok, high, high_ok) in RANGES.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"--{key} must be a finite number, got {value}")
+        below = value < low or (value == low and not low_ok)
+        above = high is not None and (value > high or (value == high and not high_ok))
+        if below or above:
+            bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
+            raise UsageError(f"--{key} must be in {bounds}, got {value}")
+
+
+def training_flags(args) -> dict:
+    """The flags that shape the run's trajectory (all but RESUMABLE_CHANGES), as stored in
+    each checkpoint and compared on resume."""
+    keys = [a.dest for a in build_parser()._actions if a.dest not in RESUMABLE_CHANGES and a.dest != "help"]
+    return json.loads(json.dumps({k: getattr(args, k) for k in sorted(keys)}))
+
+
+def resume_candidates(args) -> list[Path]:
+    """Checkpoints to try, newest first ([] for a fresh start)."""
+    where = args.continue_from or (args.save_dir if args.auto_resume else None)
+    if where is None:
+        return []
+    if args.auto_resume and not (Path(where) / checkpoint.MARKER).is_file():
+        if Path(where).exists() and not Path(where).is_dir():
+            raise UsageError(f"--auto_resume: {where} is not a directory")
+        return checkpoint.list_checkpoints(where)[::-1] if Path(where).is_dir() else []
     try:
-        path = checkpoint.find(args.continue_from)
-        meta = checkpoint.read_meta(path)
-    except ValueError as e:
+        return checkpoint.candidates(where)
+    except checkpoint.CheckpointError as e:
         raise UsageError(str(e)) from None
+
+
+def check_resume(args) -> Path | None:
+    """The checkpoint to resume from: the newest intact one (a damaged newer one is skipped
+    with a warning naming it), after checking it belongs to this run."""
+    candidates = resume_candidates(args)
+    if not candidates:
+        return None
+    damage = []
+    for path in candidates:
+        try:
+            meta = checkpoint.verify(path)
+            break
+        except checkpoint.CheckpointError as e:
+            damage.append(str(e))
+    else:
+        raise UsageError(f"no intact checkpoint to resume from: {'; '.join(damage)}")
+    for problem in damage:
+        warnings.warn(f"{problem}; resuming from the older {path}", stacklevel=2)
     mine = models.architecture(args.model)
     theirs = meta.get("model", {})
     diff = [f"{k} {theirs.get(k)} (checkpoint) vs {v}" for k, v in mine.items() if theirs.get(k) != v]
@@ -280,7 +362,53 @@ def check_resume(args) -> Path | None:
     for key in ("optimizer", "proj_type", "world_size", "packing"):
         if key in meta and meta[key] != run_identity(args)[key]:
             raise UsageError(f"--continue_from {path}: {key} {meta[key]!r} there, {run_identity(args)[key]!r} here")
+    if isinstance(meta.get("flags"), dict):  # checkpoints before this check carry none
+        theirs, mine = meta["flags"], training_flags(args)
+        diff = [
+            f"--{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine if k in theirs and theirs[k] != mine[k]
+        ]
+        if diff:
+            raise UsageError(
+                f"--continue_from {path} was trained with other flags: {'; '.join(diff)} "
+                f"(a resume may change only {', '.join(sorted(RESUMABLE_CHANGES - {'config', 'continue_from'}))})"
+            )
     return path
+
+
+def holds_a_run(directory) -> list[str]:
+    """What in ``directory`` belongs to a run (metrics, run config, checkpoints)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [n for n in ("metrics.jsonl", "run_config.json") if (d / n).exists()]
+    return found + [p.name for p in checkpoint.list_checkpoints(d)]
+
+
+def check_save_dir(args, resume_path: Path | None) -> None:
+    """--save_dir / --log_dir usable, and not another run's (unless --overwrite)."""
+    for flag, value in (("save_dir", args.save_dir), ("log_dir", args.log_dir)):
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--{flag} {value}: exists and is not a directory")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise UsageError(f"--{flag} {value}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--{flag} {value}: {existing} is not writable")
+    if args.overwrite:
+        return
+    resuming_here = resume_path is not None and {Path(args.save_dir).resolve(), Path(args.log_dir).resolve()} <= {
+        resume_path.parent.resolve()
+    }
+    if resuming_here or (args.auto_resume and resume_path is None):
+        return  # the same run: continue it (or, before its first checkpoint, restart it)
+    for flag, value in (("save_dir", args.save_dir), ("log_dir", args.log_dir)):
+        found = holds_a_run(value)
+        if found:
+            raise UsageError(
+                f"--{flag} {value} holds another run ({', '.join(found[:4])}): resume it with --continue_from "
+                f"{value} (or --auto_resume), choose another --{flag}, or pass --overwrite to replace it"
+            )
 
 
 def run_identity(args) -> dict:
@@ -419,7 +547,11 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
                 wandb.log(entry, step=entry["step"])
 
     def save():
-        meta = {"step": step, **run_identity(args), "run": args.name}
+        # one host read per save: a checkpoint is only written from finite weights
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if not bool(dist.sum([0.0 if finite else 1.0])[0] == 0):
+            raise Diverged(f"non-finite weights after step {step}: not saved; {last_checkpoint()}")
+        meta = {"step": step, **run_identity(args), "run": args.name, "flags": training_flags(args)}
         trainer_state = {"step": step, "tokens": tokens, "scheduler": scheduler.state_dict()}
         rng = dist.gather(checkpoint.rng_state())
         data_states = dist.gather(batches.state_dict())
@@ -435,6 +567,10 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
                 args.keep_checkpoints,
             )
             log(f"saved {path}")
+
+    def last_checkpoint():
+        found = checkpoint.list_checkpoints(args.save_dir) if dist.main else []
+        return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was saved"
 
     from tqdm import tqdm
 
@@ -460,6 +596,12 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
             loss_sum += loss.item()
         entry = {"step": step + 1, "loss": dist.sum([loss_sum])[0] / max(step_pred, 1)}
         entry["lr"] = optimizer.param_groups[0]["lr"]
+        if not math.isfinite(entry["loss"]):  # before the step: the weights stay as they were
+            record(entry)
+            raise Diverged(
+                f"loss is {entry['loss']} at step {step + 1}: training stopped; {last_checkpoint()} "
+                f"(lower --lr, or set --grad_clipping)"
+            )
         if args.grad_clipping and not args.per_layer:  # per-layer clips inside backward
             entry["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clipping).item()
         optimizer.step()
@@ -520,7 +662,15 @@ def prepare(argv, dist):
             import wandb  # noqa: F401
         except ImportError:
             raise UsageError("--wandb needs the wandb package (pip install wandb)") from None
+    # the one write before the checks: complete checkpoints a killed re-save moved aside go
+    # back under their names, so that the newest one is found
+    args.restored = []
+    for where in dict.fromkeys(str(d) for d in (args.save_dir, args.continue_from) if d):
+        args.restored += checkpoint.restore(
+            where if not (Path(where) / checkpoint.MARKER).is_file() else Path(where).parent
+        )
     resume_path = check_resume(args)
+    check_save_dir(args, resume_path)
     tokenizer = load_tokenizer(args.tokenizer)
     train_source = open_source(args.dataset, "train")
     eval_source = open_source(args.eval_dataset, "validation")
@@ -540,15 +690,33 @@ def run(argv, dist=None, build_optimizer=None):
     args, tokenizer, train_source, eval_source, resume_path = prepare(argv, dist)
     dist.start()
     log = print if dist.main else (lambda *a, **k: None)
-    resolved = {k: v for k, v in vars(args).items() if k != "model"}
+    resolved = {k: v for k, v in vars(args).items() if k not in ("model", "restored")}
     resolved.update(model=args.model, versions=versions(), device=str(dist.device))
+    resolved["resumed_from"] = str(resume_path) if resume_path else None
     args.resolved = resolved
     if dist.main:
+        for line in args.restored + checkpoint.clean(args.save_dir):
+            log(line)
+        if args.overwrite and resume_path is None:
+            removed = replace_run(args)
+            if removed:
+                log(f"--overwrite: removed {', '.join(removed)}")
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.log_dir) / "run_config.json").write_text(json.dumps(resolved, indent=2))
         log(json.dumps(resolved, indent=2))
         log(f"world size {dist.world}, device {dist.device}, resume from {resume_path}")
     return train(args, dist, tokenizer, train_source, eval_source, resume_path, log, build_optimizer)
+
+
+def replace_run(args) -> list[str]:
+    """--overwrite: delete the previous run's metrics, run config and checkpoints."""
+    removed = []
+    for directory in dict.fromkeys([Path(args.save_dir), Path(args.log_dir)]):
+        for name in holds_a_run(directory):
+            path = directory / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 def _quiet():
@@ -572,7 +740,10 @@ def main(argv=None) -> int:
         return 0
     except (UsageError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except Diverged as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":
