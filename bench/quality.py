@@ -278,9 +278,11 @@ def trainer_argv(spec, save_dir) -> list[str]:
     return flags_to_argv(flags)
 
 
-def summarize_metrics(path: Path) -> dict:
+def summarize_metrics(path: Path, diverged: bool = False) -> dict:
+    """Curves and step time of a run; a run the trainer stopped for a non-finite loss has a
+    NaN final loss (its last line carries no token counts)."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train_lines = [r for r in records if "loss" in r]
+    train_lines = [r for r in records if "tokens_per_s" in r]
     tokens_at = {r["step"]: r["tokens"] for r in train_lines}
     evals = [
         {"step": r["step"], "tokens": tokens_at[r["step"]], "eval_loss": r["eval_loss"], "eval_ppl": r["eval_ppl"]}
@@ -294,17 +296,17 @@ def summarize_metrics(path: Path) -> dict:
     # the first step initialises state (and takes the initial SVD): left out of the median
     steady = step_times[1:] or step_times
     return dict(
-        final_eval_loss=evals[-1]["eval_loss"],
-        final_eval_ppl=evals[-1]["eval_ppl"],
+        final_eval_loss=math.nan if diverged or not evals else evals[-1]["eval_loss"],
+        final_eval_ppl=math.nan if diverged or not evals else evals[-1]["eval_ppl"],
         evals=evals,
         train_loss=[[r["step"], r["tokens"], r["loss"]] for r in train_lines],
-        step_time_s=statistics.median(steady),
-        tokens=train_lines[-1]["tokens"],
+        step_time_s=statistics.median(steady) if steady else math.nan,
+        tokens=train_lines[-1]["tokens"] if train_lines else 0,
     )
 
 
 def train_once(spec, run_dir: Path, method: Method) -> dict:
-    from osd import train
+    from osd import cli_options, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run: start it again
@@ -317,15 +319,27 @@ def train_once(spec, run_dir: Path, method: Method) -> dict:
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")  # library chatter (deprecations) would swamp progress
-        model, optimizer = train.run(trainer_argv(spec, save_dir), build_optimizer=method.factory)
+        built = {}
+
+        def factory(model, args):
+            build = method.factory or cli_options.build_optimizer  # None: the trainer's own
+            built.update(model=model, optimizer=build(model, args))
+            return built["optimizer"]
+
+        try:
+            model, optimizer = train.run(trainer_argv(spec, save_dir), build_optimizer=factory)
+            diverged = None
+        except train.Diverged as e:  # the trainer stops a run whose loss is not finite
+            model, optimizer, diverged = built["model"], built["optimizer"], str(e)
     wall = time.perf_counter() - start
     result = dict(
         spec=spec,
         state_bytes=state_bytes(optimizer),
         matrix_state_bytes=state_bytes(optimizer, matrix_params(model)),
         wall_s=wall,
+        diverged=diverged,
     )
-    result.update(summarize_metrics(save_dir / "metrics.jsonl"))
+    result.update(summarize_metrics(save_dir / "metrics.jsonl", diverged is not None))
     del model, optimizer
     gc.collect()
     for ckpt in save_dir.glob("model_*"):  # weights are not needed, only the metrics

@@ -82,3 +82,19 @@ def test_quality_bench_plans_every_method_at_every_rank(quality, capsys):
         "random-r64-lr0.01-s0",
     ]
     assert sum(n.endswith("-s1") for n in names) == 5
+
+
+def test_a_run_the_trainer_stopped_for_divergence_counts_as_nan(quality, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [
+        {"step": 1, "loss": 9.0, "lr": 0.1, "tokens": 100, "tokens_per_s": 50.0},
+        {"step": 1, "eval_loss": 8.0, "eval_ppl": 2981.0, "eval_tokens": 100},
+        {"step": 2, "loss": None, "lr": 0.1},  # the trainer's last line before it stopped
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = quality.summarize_metrics(metrics, diverged=True)
+    assert summary["final_eval_loss"] != summary["final_eval_loss"]  # nan: never the best lr
+    assert summary["tokens"] == 100 and len(summary["train_loss"]) == 1
+    metrics.write_text(json.dumps(lines[2]) + "\n")  # stopped at step 1
+    summary = quality.summarize_metrics(metrics, diverged=True)
+    assert summary["tokens"] == 0 and summary["step_time_s"] != summary["step_time_s"]
