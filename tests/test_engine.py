@@ -233,6 +233,60 @@ def test_nonfinite_gradient_skips_only_that_basis_step():
         assert torch.isfinite(opt.state[mats[0]][key]).all()
 
 
+def test_skipped_basis_updates_are_counted():
+    mats, plain = llama_like(1)
+    opt = make("adamw online_pca", mats, plain)
+    for step in range(2):
+        set_grads(mats, step)
+        opt.step()
+    assert opt.basis_updates_skipped() == 0
+    set_grads(mats, 5)
+    mats[0].grad[0, 0] = float("inf")
+    mats[1].grad.zero_()
+    opt.step()
+    assert opt.basis_updates_skipped() == 2
+
+
+def test_nonfinite_gradient_at_an_svd_refresh_keeps_that_basis():
+    """An SVD refresh of a stack with one non-finite gradient: that matrix keeps its basis
+    (counted), the others are refreshed; nothing raises."""
+    mats = [torch.nn.Parameter(torch.randn(16, 24, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    opt = osd.AdamW([{"params": mats, "rank": 4, "projector": "svd", "update_gap": 2}], lr=1e-2)
+    for step in range(2):
+        for i, w in enumerate(mats):
+            w.grad = torch.randn(16, 24, generator=torch.Generator().manual_seed(10 * step + i))
+        opt.step()
+    before = [opt.state[w][projectors.ROWS].clone() for w in mats]
+    for i, w in enumerate(mats):
+        w.grad = torch.randn(16, 24, generator=torch.Generator().manual_seed(100 + i))
+    mats[1].grad[2, 3] = float("nan")
+    opt.step()  # step 2: a refresh
+    assert torch.equal(opt.state[mats[1]][projectors.ROWS], before[1])
+    assert not torch.equal(opt.state[mats[0]][projectors.ROWS], before[0])
+    assert all(torch.isfinite(opt.state[w][projectors.ROWS]).all() for w in mats)
+    assert opt.basis_updates_skipped() == 1
+
+
+@pytest.mark.parametrize("projector", ["online_pca", "svd"])
+def test_nonfinite_gradient_at_the_first_step_changes_nothing(projector):
+    """step() is all or nothing: a first basis cannot come from a NaN gradient, and the
+    refusal comes before any parameter (plain or subspace, of any stack) is updated."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 8))
+    groups = osd.param_groups(model, 4, target_modules=["1"], projector=projector)
+    groups[1]["params"].insert(0, model[0].weight)  # two stacks: 16x24 and 8x16
+    groups[1]["param_names"].insert(0, "0.weight")
+    groups[0]["params"].remove(model[0].weight)
+    groups[0]["param_names"].remove("0.weight")
+    opt = osd.AdamW(groups, lr=1e-2)
+    model(torch.randn(4, 24)).square().mean().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"non-finite gradient in 1.weight at the first step: .*nothing was updated"):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(not s for s in opt.state.values())
+
+
 def test_zero_gradient_skips_the_basis_step():
     w = torch.nn.Parameter(torch.randn(16, 24))
     opt = osd.AdamW([{"params": [w], "rank": 4}], lr=1e-2)

@@ -239,3 +239,17 @@ def test_auto_resume_starts_fresh_then_continues(fx, tmp_path, capsys):
     (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     assert train.main(args(fx, fresh, num_training_steps=2, auto_resume=True)) == 0
     assert [r["step"] for r in read_metrics(fresh) if "loss" in r] == [1, 2]
+
+
+def test_skipped_basis_updates_reach_the_metrics(fx, tmp_path):
+    import osd
+
+    def counting(model, args):
+        opt = osd.AdamW(osd.param_groups(model, 8), lr=args.lr)
+        opt.basis_updates_skipped = lambda: 3  # as if 3 matrices had skipped their P step
+        return opt
+
+    run = tmp_path / "run"
+    train.run(args(fx, run, num_training_steps=4, log_every=2), build_optimizer=counting)
+    lines = [r for r in read_metrics(run) if "loss" in r]
+    assert [r.get("basis_updates_skipped") for r in lines] == [None, 3, None, 3]

@@ -30,6 +30,13 @@ parameter instead: the gradient the rule sees (the full accumulated gradient of 
 parameter, the accumulated projection of a subspace one) is scaled to norm at most
 ``max_grad_norm``.
 
+Under a Hugging Face ``transformers.Trainer``: Trainer clips after backward, when the
+updates have already happened and the gradients are gone, so its clipping would silently do
+nothing (and it logs ``grad_norm`` 0). The first :meth:`step` called from a Trainer
+therefore raises ValueError unless ``TrainingArguments(max_grad_norm=0)`` (clip per
+parameter with ``Layerwise(..., max_grad_norm=...)`` instead) and
+``gradient_accumulation_steps`` equals ``accumulation_steps``.
+
 Not for DDP/FSDP: their gradient all-reduce completes after these hooks fire.
 """
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import torch
 
+from osd import hf
 from osd.optim import SubspaceOptimizer
 
 
@@ -66,6 +74,7 @@ class Layerwise(torch.optim.Optimizer):
         self._where = {}  # parameter -> its group's index
         self._seen = {}
         self._handles = []
+        self._trainer_checked = False
         optimizer._layerwise_hooks = True
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -95,6 +104,13 @@ class Layerwise(torch.optim.Optimizer):
     @torch.no_grad()
     def _hook(self, p):
         self._seen[p] += 1
+        if self._seen[p] > self.accumulation_steps:
+            raise RuntimeError(
+                f"backward number {self._seen[p]} since the last step() but accumulation_steps="
+                f"{self.accumulation_steps}: call step() after every accumulation_steps backward passes "
+                "(under transformers.Trainer, Layerwise's accumulation_steps must equal "
+                "TrainingArguments(gradient_accumulation_steps))"
+            )
         micro, last = self._seen[p], self._seen[p] == self.accumulation_steps
         group = self.param_groups[self._where[p]]
         opt = self.optimizer
@@ -124,6 +140,9 @@ class Layerwise(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """End of an optimizer step: the parameters were updated during backward."""
+        if not self._trainer_checked:
+            _check_trainer(hf.calling_trainer(), self.accumulation_steps)
+            self._trainer_checked = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -159,8 +178,34 @@ class Layerwise(torch.optim.Optimizer):
     def state_bytes(self, group: int | None = None) -> int:
         return self.optimizer.state_bytes(group)
 
+    def basis_updates_skipped(self) -> int:
+        """The wrapped optimizer's count (see :meth:`SubspaceOptimizer.basis_updates_skipped`)."""
+        return self.optimizer.basis_updates_skipped()
+
     def remove_hooks(self):
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.optimizer._layerwise_hooks = False
+
+
+def _check_trainer(trainer, accumulation_steps: int) -> None:
+    """Refuse the ``transformers.Trainer`` settings that per-layer updates cannot honour."""
+    args = getattr(trainer, "args", None)
+    if args is None:
+        return
+    max_norm = getattr(args, "max_grad_norm", None) or 0
+    if max_norm > 0:
+        raise ValueError(
+            f"osd.Layerwise under transformers.Trainer with TrainingArguments(max_grad_norm={max_norm}): "
+            "Trainer clips gradients after backward, but Layerwise has already applied each update inside "
+            "backward and freed its gradient, so this clipping would silently do nothing (and Trainer would "
+            "log grad_norm 0). Pass TrainingArguments(max_grad_norm=0), and to clip, clip per parameter "
+            f"with osd.Layerwise(optimizer, max_grad_norm={max_norm})"
+        )
+    micro = getattr(args, "gradient_accumulation_steps", 1)
+    if micro != accumulation_steps:
+        raise ValueError(
+            f"osd.Layerwise(accumulation_steps={accumulation_steps}) under transformers.Trainer with "
+            f"TrainingArguments(gradient_accumulation_steps={micro}): set both to the same number"
+        )

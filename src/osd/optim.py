@@ -37,9 +37,12 @@ state is not the memory bottleneck: full-rank AdamW trains better per step.
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
 
-from osd import engine, projectors, storage
+from osd import engine, hf, projectors, storage
 from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
 from osd.rules import Adam, Rule
@@ -55,9 +58,34 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     dtype, device and step count; see :mod:`osd.engine`) and calls :meth:`update` on each.
     :meth:`update` and its parts :meth:`refresh`, :meth:`project` and :meth:`finish` are the
     public entry points for callers that drive the steps themselves (:class:`osd.Layerwise`
-    updates one parameter at a time, in backward, as a stack of one)."""
+    updates one parameter at a time, in backward, as a stack of one).
+
+    Subspace options (``rank``, ``projector``, ``update_gap``, ...) are param-group keys
+    (:func:`osd.param_groups`); given to a constructor as keyword arguments they raise a
+    TypeError that says how to build the groups. A ``transformers.Trainer`` that builds the
+    optimizer from ``optimizer_cls_and_kwargs`` passes only its own weight-decay groups of
+    bare tensors, so the result has no subspace group: that warns (it is a valid plain
+    optimizer); build the optimizer and pass ``Trainer(optimizers=(optimizer, None))``."""
 
     storage = FP32
+
+    def __new__(cls, *args, **kwargs):
+        # subspace options given to the constructor (as Trainer's optimizer_cls_and_kwargs
+        # would pass them) belong in a param group: say how, before __init__'s bare TypeError
+        misplaced = {k: v for k, v in kwargs.items() if k in GROUP_OPTIONS}
+        if misplaced:
+            accepted = inspect.signature(cls.__init__).parameters
+            misplaced = {k: v for k, v in misplaced.items() if k not in accepted}
+        if misplaced:
+            raise TypeError(_misplaced_message(_public_name(cls), misplaced))
+        return super().__new__(cls)
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        if not any("rank" in g for g in self.param_groups):
+            trainer = hf.calling_trainer()
+            if trainer is not None and getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+                warnings.warn(_plain_under_trainer_message(_public_name(type(self))), stacklevel=3)
 
     def rule(self, group: dict) -> Rule:
         raise NotImplementedError
@@ -80,18 +108,54 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every parameter with a gradient: all or nothing (what can be refused,
+        a non-finite gradient where a first basis must be built from it, is checked before
+        any parameter changes)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stacks = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            for stack in self.stacks(params):
-                self.update(stack, [p.grad for p in stack])
+            stacks += self.stacks(params)
+        first = [s for s in stacks if self._first_basis_from_gradient(s)]
+        if first:  # the first step of a subspace group only: one host read
+            self._check_finite(
+                [p for s in first for p in s],
+                [torch.stack([torch.isfinite(p.grad).all() for p in s]) for s in first],
+            )
+        for stack in stacks:
+            self.update(stack, [p.grad for p in stack])
         return loss
+
+    def _first_basis_from_gradient(self, stack) -> bool:
+        group = self.param_groups[self._positions()[0].get(stack[0], 0)]
+        return (
+            "rank" in group and self.state[stack[0]].get("step", 0) == 0 and projectors.from_group(group).from_gradient
+        )
+
+    def _check_finite(self, params, finite: list[torch.Tensor]) -> None:
+        """Raise ValueError naming the parameters whose flag in ``finite`` is False."""
+        flags = torch.cat([f.reshape(-1) for f in finite])
+        if flags.device.type == "meta" or bool(flags.all()):
+            return
+        names = self._names()
+        bad = [
+            names.get(p, f"#{i} (shape {tuple(p.shape)})")
+            for i, (p, ok) in enumerate(zip(params, flags.tolist(), strict=True))
+            if not ok
+        ]
+        raise ValueError(
+            f"non-finite gradient in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} at the first step: "
+            "the first basis is built from it (an SVD); nothing was updated"
+        )
+
+    def _names(self) -> dict:
+        return {p: n for g in self.param_groups for p, n in zip(g["params"], g.get("param_names") or [], strict=False)}
 
     # -- stacks -------------------------------------------------------------------------
 
@@ -211,10 +275,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         sides = projectors.resolve_sides(group["side"], m, n)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
         st = engine.stack_state(states)
-        old = {k: st[k].clone() for k in _bases(st)} if group["transport"] and step > 0 else {}
+        old = {k: st[k].clone() for k in _bases(st)} if step > 0 else {}
+        finite = None
+        if projector.from_gradient:
+            finite = torch.isfinite(g).flatten(1).all(1)
+            if step == 0:  # no basis to keep: refuse (a refresh step may synchronise)
+                self._check_finite(params, [finite])
+            else:  # a matrix with a non-finite gradient keeps its basis
+                g = torch.where(finite.view(-1, 1, 1), g, 0)
         projector.refresh(g, st, step, rank, sides, self._seeds(params))
         engine.add_new_state(states, st)
-        if old:
+        if finite is not None and old:
+            for k, before in old.items():
+                torch.where(finite.view(-1, 1, 1), st[k], before, out=st[k])
+            self._count_skips(~finite)
+        if old and group["transport"]:
             projectors.transport(st, old, self.rule(group).moments, self.storage)
 
     @torch.no_grad()
@@ -247,10 +322,26 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             update = projectors.project_back(delta.to(g.dtype), bases)
             engine.apply(params, update, lr, 0.0, alpha=-group["scale"])
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
-        if projector.after_update(g, g_projected, st, step, lr / group["initial_lr"]) and old:
-            projectors.transport(st, old, rule.moments, self.storage)
+        skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"])
+        if skipped is not None:
+            self._count_skips(skipped)
+            if old:
+                projectors.transport(st, old, rule.moments, self.storage)
         for s in states:
             s["step"] = step + 1
+
+    def _count_skips(self, skipped: torch.Tensor) -> None:
+        """Add a step's skipped basis updates ((k,) bool, on the device) to the counter."""
+        counts = self.__dict__.setdefault("_skips", {})
+        if skipped.device not in counts:
+            counts[skipped.device] = torch.zeros((), dtype=torch.int64, device=skipped.device)
+        counts[skipped.device].add_(skipped.sum())
+
+    def basis_updates_skipped(self) -> int:
+        """How many matrix basis updates were skipped since this optimizer was built because
+        the gradient was zero or not finite (online PCA's step on P, an SVD refresh): the
+        basis stayed as it was. Reading it synchronises with the device."""
+        return sum(int(c.item()) for c in self.__dict__.get("_skips", {}).values() if c.device.type != "meta")
 
     def _plain_update(self, params, grads, group):
         rule = self.rule(group)
@@ -332,6 +423,41 @@ def _fused_adamw(params, grads, states, group, step):
         amsgrad=False,
         maximize=False,
     )
+
+
+# group keys that only make sense in a param group (osd.param_groups' arguments)
+GROUP_OPTIONS = ("rank", "target_modules", *projectors.SUBSPACE_DEFAULTS)
+
+_HOW = (
+    "Build the groups with osd.param_groups(model, {options}) and pass them to the optimizer: "
+    "{name}(osd.param_groups(model, {options}), lr=...). With a Hugging Face Trainer, build the "
+    "optimizer yourself and pass Trainer(..., optimizers=(optimizer, None)); "
+    "Trainer(optimizer_cls_and_kwargs=...) hands the optimizer only its own weight-decay groups of "
+    "bare tensors, from which no subspace group can be formed."
+)
+
+
+def _misplaced_message(name: str, options: dict) -> str:
+    shown = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items(), key=lambda kv: kv[0] != "rank"))
+    if "rank" not in options:
+        shown = "rank=..., " + shown
+    return (
+        f"{name}() got subspace option(s) {', '.join(options)} as keyword arguments; they are "
+        "param-group options (a group with 'rank' is a subspace group). " + _HOW.format(name=name, options=shown)
+    )
+
+
+def _plain_under_trainer_message(name: str) -> str:
+    return (
+        f"transformers.Trainer built {name} from optimizer_cls_and_kwargs with its own weight-decay "
+        "groups: no group has 'rank', so this is a plain full-rank optimizer with no subspace and no "
+        "memory saving. If that is what you want, ignore this warning. For subspace training, "
+        + _HOW.format(name=name, options="rank=...")
+    )
+
+
+def _public_name(cls) -> str:
+    return f"osd.{cls.__name__}" if cls.__module__.startswith("osd.") else cls.__name__
 
 
 def _bases(state):

@@ -101,6 +101,7 @@ class SVD:
     """GaLore: bases = top-r singular vectors of G at steps 0, T, 2T, ..."""
 
     update_gap: int = 200
+    from_gradient = True  # the refresh reads G (a non-finite G cannot give a basis)
 
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
@@ -110,7 +111,7 @@ class SVD:
             put(state, key, basis)
 
     def after_update(self, g, projected, state, step, lr_ratio):
-        return False
+        return None
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class Random:
     (seed, step), drawn on the CPU so every device and rank gets the same numbers)."""
 
     update_gap: int = 200
+    from_gradient = False
 
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
@@ -136,7 +138,7 @@ class Random:
                 put(state, key, q.to(g.device))
 
     def after_update(self, g, projected, state, step, lr_ratio):
-        return False
+        return None
 
 
 # P's own optimizer, by name: (rule, storage, default weight decay). The defaults are those
@@ -190,6 +192,7 @@ class OnlinePCA:
     weight_decay: float = 0.01
     orth_reg: float = 0.0
     retract_every: int = 0
+    from_gradient = True
 
     def refreshes(self, step: int) -> bool:
         return step == 0
@@ -201,9 +204,10 @@ class OnlinePCA:
                 state[f"{key}.{name}"] = t
 
     def after_update(self, g, projected, state, step, lr_ratio):
-        """One step on P for every matrix of the stack; True if the bases moved."""
+        """One step on P for every matrix of the stack. Returns None when the bases did not
+        move, else a (k,) bool tensor: the matrices that skipped their step."""
         if step == 0:  # the reference takes no P step at initialisation
-            return False
+            return None
         norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float32)
         keep = ~(torch.isfinite(norm) & (norm > 0))  # skip this matrix's P step
         inv_norm = torch.where(keep, 0.0, norm.reciprocal()).view(-1, 1, 1)
@@ -227,7 +231,7 @@ class OnlinePCA:
             for k, old in saved.items():
                 torch.where(keep.view((-1,) + (1,) * (old.dim() - 1)), old, sub[k], out=sub[k])
             torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
-        return True
+        return keep
 
 
 PROJECTORS = ("online_pca", "svd", "random")

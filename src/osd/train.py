@@ -572,6 +572,14 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         found = checkpoint.list_checkpoints(args.save_dir) if dist.main else []
         return f"the last checkpoint is {found[-1]}" if found else "no checkpoint was saved"
 
+    inner = getattr(optimizer, "optimizer", optimizer)  # osd.Layerwise wraps one
+    counter = getattr(inner, "basis_updates_skipped", None)  # not for optimizers outside osd
+
+    def basis_skips() -> int:
+        """Basis updates skipped (zero or non-finite gradient) so far, all ranks; a host
+        read, so only at log steps."""
+        return int(dist.sum([counter() if counter else 0])[0]) // dist.world
+
     from tqdm import tqdm
 
     bar = tqdm(total=args.num_training_steps, initial=step, desc="steps", disable=None if dist.main else True)
@@ -609,6 +617,10 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         optimizer.zero_grad(set_to_none=True)
         step, tokens = step + 1, tokens + int(step_input)
         entry.update(tokens=tokens, tokens_per_s=step_input / (time.perf_counter() - start))
+        if step % args.log_every == 0 or step == args.num_training_steps:
+            skipped = basis_skips()
+            if skipped:
+                entry["basis_updates_skipped"] = skipped
         record(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
@@ -616,6 +628,11 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
             log(
                 f"step {step}/{args.num_training_steps} loss {entry['loss']:.4f} lr {entry['lr']:.3g} "
                 f"tokens {tokens} tok/s {entry['tokens_per_s']:.0f}"
+                + (
+                    f" basis updates skipped {entry['basis_updates_skipped']}"
+                    if "basis_updates_skipped" in entry
+                    else ""
+                )
             )
         if step % args.eval_every == 0 or step == args.num_training_steps:
             result = {"step": step, **evaluate(model, args, dist, tokenizer, eval_source, precision)}
