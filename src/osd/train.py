@@ -688,9 +688,9 @@ def prepare(argv, dist):
         )
     resume_path = check_resume(args)
     check_save_dir(args, resume_path)
-    tokenizer = load_tokenizer(args.tokenizer)
-    train_source = open_source(args.dataset, "train")
+    train_source = open_source(args.dataset, "train")  # first: its offline message names every flag
     eval_source = open_source(args.eval_dataset, "validation")
+    tokenizer = load_tokenizer(args.tokenizer)
     for source, name in ((train_source, "dataset"), (eval_source, "eval dataset")):
         docs = Documents(source, dist.rank, dist.world, epochs=1, name=name)
         # The first batch proves the data readable, non-empty and within the model's vocab.
@@ -740,7 +740,7 @@ def _quiet():
     """Keep stderr to what a user must read: one-line warnings, no library chatter."""
     warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers"):
+    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
