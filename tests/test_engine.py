@@ -3,6 +3,7 @@ of matrices, a steady-state step reads nothing on the host (it runs on the meta 
 stays per parameter (file size, old checkpoints), a bad gradient never poisons a basis."""
 
 import collections
+import contextlib
 import io
 import zipfile
 from pathlib import Path
@@ -372,3 +373,43 @@ def test_stack_bound_is_the_same_on_every_device():
     assert [len(s) for s in opt.stacks(meta)] == [6]
     opt.param_groups[0]["max_stack_bytes"] = 4 * 2**20
     assert [len(s) for s in opt.stacks(cpu)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "AdamW8bit", "Lion"])
+def test_large_plain_tensor_updates_in_chunks_with_the_same_numbers(cls, monkeypatch):
+    """A lone plain tensor above engine.CHUNK_ELEMENTS is updated chunk by chunk: the same
+    weights and state as one pass, and no temporary larger than a chunk (measured as the
+    largest tensor any op of the step creates)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def run(chunk):
+        monkeypatch.setattr(osd.engine, "CHUNK_ELEMENTS", chunk)
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(64, 1024))
+        opt = getattr(osd, cls)([{"params": [w]}], lr=1e-2, weight_decay=0.1)
+        if cls == "AdamW":  # the fused kernel takes plain fp32 AdamW: use the generic path
+            monkeypatch.setattr(type(opt), "_fused_plain", lambda self, group, dtype: False)
+        largest = []
+
+        class Largest(TorchDispatchMode):  # sizes of the tensors an op allocates (not views, not in place)
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+                seen = {t.untyped_storage().data_ptr() for t in inputs if torch.is_tensor(t)}
+                for t in out if isinstance(out, tuple | list) else [out]:
+                    if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                        largest.append(t.numel())
+                return out
+
+        for step in range(3):
+            w.grad = torch.randn(64, 1024, generator=torch.Generator().manual_seed(step))
+            with Largest() if step == 2 else contextlib.nullcontext():
+                opt.step()
+        return w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)}, max(largest)
+
+    whole, whole_state, whole_peak = run(1 << 24)
+    chunked, chunked_state, chunked_peak = run(4096)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    for key in whole_state:
+        torch.testing.assert_close(chunked_state[key], whole_state[key], rtol=0, atol=0)
+    assert whole_peak >= 64 * 1024 and chunked_peak <= 4096, (whole_peak, chunked_peak)

@@ -25,6 +25,11 @@ from __future__ import annotations
 import torch
 
 MAX_STACK_BYTES = 512 * 2**20  # llama_350m's largest stack (24 x 2736 x 1024 fp32) fits whole
+# A lone plain tensor larger than this (an embedding, an output head) is updated in chunks of
+# this many values by the elementwise rules, so no temporary of its update (the fp32
+# gradient, dequantised 8-bit moments, the update) exceeds 64 MB: a multiple of the 8-bit
+# block size.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def stack_state(states: list[dict]) -> dict:
@@ -91,6 +96,21 @@ def stack_grads(grads: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.
         return torch.stack([g.view(shape) for g in grads])
     out = torch.empty((len(grads),) + shape, dtype=dtype, device=grads[0].device)
     torch._foreach_copy_(list(out.unbind(0)), [g.view(shape) for g in grads])
+    return out
+
+
+def chunk_state(state: dict, start: int, stop: int, block: int) -> dict:
+    """Views of a stack-of-one state for the flat values ``[start, stop)`` of its tensor:
+    tensors with the tensor's values are sliced there, 8-bit block scales (``KEY.scale``)
+    at ``[start / block, stop / block)``; other entries are passed as they are."""
+    out = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            out[key] = value
+        elif key.endswith(".scale"):
+            out[key] = value.view(1, -1)[:, start // block : stop // block]
+        else:
+            out[key] = value.view(1, -1)[:, start:stop]
     return out
 
 

@@ -40,7 +40,9 @@
   tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
 
 * **step temporaries**: what the update of the costliest parameter allocates for a moment
-  (``STEP_TEMPORARIES``; 8-bit state is dequantised one whole tensor at a time).
+  (``STEP_TEMPORARIES``; 8-bit state is dequantised one stack at a time, and a lone plain
+  tensor above ``osd.engine.CHUNK_ELEMENTS`` values, an embedding or head, one chunk of that
+  many values at a time).
 
 * **total**: the estimated peak, ``weights + optimizer state + max(activations, gradients +
   step temporaries)``. Backward frees a layer's saved activations as it creates that layer's
@@ -66,6 +68,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 
+from osd.engine import CHUNK_ELEMENTS
 from osd.groups import TARGET_MODULES
 from osd.models import SIZES, resolve
 from osd.projectors import PROJ_OPTIMIZERS
@@ -352,7 +355,9 @@ def estimate(
         if subspace and p.targeted:
             (per_element, per_rank), r = STEP_TEMPORARIES[optimizer], min(rank, *p.shape)
             return p.numel * per_element[e != 4] + per_rank * max(p.shape) * r
-        return p.numel * STEP_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][0][e != 4]
+        # 8-bit plain updates of a large tensor run in chunks (fp32 AdamW runs torch's fused kernel)
+        n = min(p.numel, CHUNK_ELEMENTS) if eight_bit else p.numel
+        return n * STEP_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][0][e != 4]
 
     accumulating = gradient_accumulation > 1
     if per_layer:

@@ -330,6 +330,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         for s in states:
             s["step"] = step + 1
 
+    def _chunked_update(self, p, grad, state, rule, group, step) -> None:
+        """The plain update of one large tensor (an embedding, an output head) in chunks of
+        ``engine.CHUNK_ELEMENTS`` values: elementwise rules give the same numbers as one
+        pass, and no temporary (fp32 gradient, dequantised moments, update) is larger than
+        a chunk. State stays one tensor (and one checkpoint entry) per moment."""
+        dtype = p.dtype if self.storage is FP32 else torch.float32
+        st = engine.stack_state([state])
+        if step == 0:
+            st.update(rule.init((1,) + tuple(p.shape), p.device, self.storage, dtype))
+            engine.add_new_state([state], st)
+        lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
+        flat, flat_grad, n = p.view(-1), grad.reshape(-1), p.numel()
+        for start in range(0, n, engine.CHUNK_ELEMENTS):
+            stop = min(n, start + engine.CHUNK_ELEMENTS)
+            g = flat_grad[start:stop].to(dtype).view(1, -1)
+            sub = engine.chunk_state(st, start, stop, getattr(self.storage, "block_size", 1))
+            engine.apply([flat[start:stop]], rule.update(g, sub, lr, step + 1, self.storage), lr, weight_decay)
+
     def _count_skips(self, skipped: torch.Tensor) -> None:
         """Add a step's skipped basis updates ((k,) bool, on the device) to the counter."""
         counts = self.__dict__.setdefault("_skips", {})
@@ -350,6 +368,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
         if self._fused_plain(group, params[0].dtype):
             _fused_adamw(params, grads, states, group, step)
+        elif (
+            len(params) == 1
+            and params[0].numel() > engine.CHUNK_ELEMENTS
+            and isinstance(rule, Adam | LionRule | SGDRule)
+        ):
+            self._chunked_update(params[0], grads[0], states[0], rule, group, step)
         else:
             dtype = params[0].dtype if self.storage is FP32 else torch.float32
             g = engine.stack_grads(grads, tuple(params[0].shape), dtype)
