@@ -89,8 +89,10 @@ def optimizer_kwargs(choice: OptimizerChoice, lr: float, weight_decay: float, be
     return kwargs
 
 
-def build_optimizer(model, args):
-    """The optimizer for ``model`` that ``args`` (the trainer's namespace) asks for.
+def build_optimizer(model, args, target_modules=None):
+    """The optimizer for ``model`` that ``args`` (the trainer's namespace) asks for;
+    ``target_modules`` (default :data:`osd.groups.TARGET_MODULES`, LLaMA's attention and MLP)
+    choose the subspace group's matrices (``osd-glue`` passes an encoder's).
 
     Raises ValueError for unknown strings and for what this osd version lacks."""
     import osd
@@ -111,7 +113,7 @@ def build_optimizer(model, args):
             options["retract_every"] = args.retract_every
         if getattr(args, "proj_dtype", "auto") != "auto":
             options["proj_dtype"] = args.proj_dtype
-        groups = osd.param_groups(model, args.rank, **options)
+        groups = osd.param_groups(model, args.rank, target_modules or osd.groups.TARGET_MODULES, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = cls(groups, **kwargs)
