@@ -122,3 +122,17 @@ def build_optimizer(model, args, target_modules=None):
     # In-backward updates: Layerwise steps at the last of gradient_accumulation backwards,
     # and can only clip each parameter's gradient (a global norm needs them all at once).
     return osd.Layerwise(optimizer, args.gradient_accumulation, max_grad_norm=args.grad_clipping or None)
+
+
+def quiet_stderr(prog: str) -> None:
+    """Keep a command's stderr to what a user must read: one-line warnings prefixed with
+    ``prog``, no library chatter (``osd-train`` and ``osd-glue``)."""
+    import logging
+    import os
+    import warnings
+
+    warnings.formatwarning = lambda msg, category, *a, **k: f"{prog}: warning: {msg}\n"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -671,14 +671,7 @@ def run(argv, build_optimizer=None, log=print) -> dict:
 
 
 def _quiet():
-    import logging
-    import warnings
-
-    warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli_options.quiet_stderr(PROG)
 
 
 def main(argv=None) -> int:

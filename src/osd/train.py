@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
 import platform
@@ -737,12 +736,7 @@ def replace_run(args) -> list[str]:
 
 
 def _quiet():
-    """Keep stderr to what a user must read: one-line warnings, no library chatter."""
-    warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torchao", "torch.utils._pytree", "datasets", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli_options.quiet_stderr(PROG)
 
 
 def main(argv=None) -> int:
