@@ -222,3 +222,38 @@ def test_retraction_restores_orthonormality():
         err = (basis.T @ basis - torch.eye(6)).abs().max().item()
         if (step - 1) % 4 == 0:  # the P step taken at step index 4, 8 (and the SVD at 0)
             assert err < 1e-5, (step, err)
+
+
+def test_randomized_svd_finds_the_top_subspace():
+    """svd_method="randomized" (O(mnr)): on matrices with a decaying spectrum the bases span
+    the exact SVD's top-r subspace, the same on every call (a fixed-seed sketch) and for a
+    stack as for each matrix alone."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, r = 96, 160, 8
+    spectrum = torch.cat([torch.linspace(10, 5, r), 0.05 * torch.rand(m - r, generator=gen)])
+    stack = []
+    for _ in range(3):
+        u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
+        v, _ = torch.linalg.qr(torch.randn(n, m, generator=gen))
+        stack.append(u @ torch.diag(spectrum) @ v.T)
+    g = torch.stack(stack)
+    exact = projectors._svd_bases(g, r, True, True)
+    fast = projectors._svd_bases(g, r, True, True, "randomized")
+    for key in (projectors.ROWS, projectors.COLS):
+        overlap = (exact[key].mT @ fast[key]).square().sum(dim=(-2, -1)) / r  # 1: same subspace
+        assert (overlap > 0.999).all(), overlap
+        torch.testing.assert_close(projectors._svd_bases(g, r, True, True, "randomized")[key], fast[key])
+        alone = projectors._svd_bases(g[1:2], r, True, True, "randomized")[key]
+        torch.testing.assert_close(alone[0], fast[key][1], rtol=1e-4, atol=1e-5)
+
+
+def test_svd_method_option_reaches_the_projectors_and_is_checked():
+    w = torch.nn.Parameter(torch.randn(64, 96))
+    for projector in ("svd", "online_pca"):
+        opt = osd.AdamW([{"params": [w], "rank": 4, "projector": projector, "svd_method": "randomized"}])
+        assert projectors.from_group(opt.param_groups[0]).svd == "randomized"
+        w.grad = torch.randn(64, 96)
+        opt.step()
+        assert torch.isfinite(opt.state[w][projectors.ROWS]).all()
+    with pytest.raises(ValueError, match="unknown svd_method 'fast'; valid: exact, randomized"):
+        osd.AdamW([{"params": [w], "rank": 4, "svd_method": "fast"}])

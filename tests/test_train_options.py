@@ -369,3 +369,10 @@ def test_proj_dtype_reaches_the_subspace_group(model):
     assert sub["proj_dtype"] == "float32"
     with pytest.raises(train.UsageError, match=r"argument --proj_dtype: invalid choice: 'fp8' \(choose from 'auto'"):
         train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "fp8"])
+
+
+def test_svd_method_reaches_the_subspace_group(model):
+    _, sub = build(model, "galore_adamw", "continuous").param_groups
+    assert sub["svd_method"] == "exact"
+    _, sub = build(model, "galore_adamw", "std", svd_method="randomized").param_groups
+    assert sub["svd_method"] == "randomized"

@@ -113,6 +113,8 @@ def build_optimizer(model, args, target_modules=None):
             options["retract_every"] = args.retract_every
         if getattr(args, "proj_dtype", "auto") != "auto":
             options["proj_dtype"] = args.proj_dtype
+        if getattr(args, "svd_method", "exact") != "exact":
+            options["svd_method"] = args.svd_method
         groups = osd.param_groups(model, args.rank, target_modules or osd.groups.TARGET_MODULES, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

@@ -81,13 +81,43 @@ def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
     return d
 
 
-def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool) -> dict:
-    """Top-``rank`` singular vectors of every matrix of the stack ``g`` (fp32)."""
-    g = g.float()
+SVD_METHODS = ("exact", "randomized")
+OVERSAMPLE, POWER_ITERATIONS = 8, 2  # randomized SVD (Halko, Martinsson & Tropp 2011)
+
+
+def _svd(g: torch.Tensor, full_matrices: bool = False):
     try:
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return torch.linalg.svd(g, full_matrices=full_matrices)
     except RuntimeError:  # ill-conditioned fp32 input: LAPACK/cuSOLVER may not converge
-        u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+        u, s, vh = torch.linalg.svd(g.double(), full_matrices=full_matrices)
+        return u.float(), s.float(), vh.float()
+
+
+def _randomized_svd(g: torch.Tensor, rank: int):
+    """The top ``rank`` singular triplets of every matrix of the stack ``g``, approximately:
+    a Gaussian range finder with ``OVERSAMPLE`` extra columns and ``POWER_ITERATIONS``
+    power iterations, then an exact SVD of the small ``q x n`` projection. The Gaussian
+    matrix is drawn on the CPU from a fixed seed, so every rank and device gets the same
+    bases from the same gradient (as the random projector's)."""
+    m, n = g.shape[-2:]
+    q = min(rank + OVERSAMPLE, m, n)
+    omega = torch.randn(n, q, generator=torch.Generator().manual_seed(m * 1_000_003 + n)).to(g.device)
+    y, _ = torch.linalg.qr(g @ omega)  # k x m x q
+    for _ in range(POWER_ITERATIONS):
+        z, _ = torch.linalg.qr(g.mT @ y)
+        y, _ = torch.linalg.qr(g @ z)
+    ub, s, vh = _svd(y.mT @ g)  # q x n: cheap
+    return y @ ub, s, vh
+
+
+def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str = "exact") -> dict:
+    """Top-``rank`` singular vectors of every matrix of the stack ``g`` (fp32): an exact SVD,
+    or ``method="randomized"`` (:func:`_randomized_svd`: O(mnr) instead of O(mn min(m,n)))."""
+    g = g.float()
+    if method == "randomized" and rank + OVERSAMPLE < min(g.shape[-2:]):
+        u, _, vh = _randomized_svd(g, rank)
+    else:
+        u, _, vh = _svd(g)
     bases = {}
     if rows:
         bases[ROWS] = u[..., :rank].float().contiguous()
@@ -101,13 +131,14 @@ class SVD:
     """GaLore: bases = top-r singular vectors of G at steps 0, T, 2T, ..."""
 
     update_gap: int = 200
+    svd: str = "exact"  # or "randomized"
     from_gradient = True  # the refresh reads G (a non-finite G cannot give a basis)
 
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
 
     def refresh(self, g, state, step, rank, sides, seeds):
-        for key, basis in _svd_bases(g, rank, *sides).items():
+        for key, basis in _svd_bases(g, rank, *sides, self.svd).items():
             put(state, key, basis)
 
     def after_update(self, g, projected, state, step, lr_ratio):
@@ -192,13 +223,14 @@ class OnlinePCA:
     weight_decay: float = 0.01
     orth_reg: float = 0.0
     retract_every: int = 0
+    svd: str = "exact"  # the initial basis: or "randomized"
     from_gradient = True
 
     def refreshes(self, step: int) -> bool:
         return step == 0
 
     def refresh(self, g, state, step, rank, sides, seeds):
-        for key, basis in _svd_bases(g, rank, *sides).items():
+        for key, basis in _svd_bases(g, rank, *sides, self.svd).items():
             put(state, key, basis)
             for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
                 state[f"{key}.{name}"] = t
@@ -248,6 +280,7 @@ SUBSPACE_DEFAULTS = {
     "retract_every": 0,
     "transport": False,
     "proj_dtype": "auto",
+    "svd_method": "exact",
 }
 
 PROJ_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,6 +306,7 @@ def check_group(group: dict, names: list[str]) -> None:
         ("side", SIDES),
         ("proj_optimizer", PROJ_OPTIMIZERS),
         ("proj_dtype", PROJ_DTYPES),
+        ("svd_method", SVD_METHODS),
     ):
         if group[key] not in valid:
             raise ValueError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")
@@ -309,13 +343,22 @@ def from_group(group: dict):
     """The projector a (checked) subspace group asks for."""
     name, gap = group["projector"], group["update_gap"]
     if name == "svd":
-        return SVD(gap)
+        return SVD(gap, group["svd_method"])
     if name == "random":
         return Random(gap)
     rule, storage, weight_decay = PROJ_OPTIMIZERS[group["proj_optimizer"]]
     if group["proj_weight_decay"] is not None:
         weight_decay = group["proj_weight_decay"]
-    return OnlinePCA(gap, rule, storage, group["proj_lr"], weight_decay, group["orth_reg"], group["retract_every"])
+    return OnlinePCA(
+        gap,
+        rule,
+        storage,
+        group["proj_lr"],
+        weight_decay,
+        group["orth_reg"],
+        group["retract_every"],
+        group["svd_method"],
+    )
 
 
 def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
