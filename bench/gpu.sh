@@ -49,8 +49,8 @@ stage() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/summary.md"; }
 stage "environment"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$OUT/summary.md"
 
-# STAGES (default "tests throughput step") picks the parts to run, e.g. STAGES="tests step"
-STAGES=${STAGES:-tests throughput step}
+# STAGES (default "tests throughput step svd") picks the parts to run, e.g. STAGES="tests step"
+STAGES=${STAGES:-tests throughput step svd}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 has tests && stage "CUDA tests (tests/test_cuda.py, CUDA peak-memory tests)"
@@ -75,5 +75,11 @@ rm -f "$OUT/throughput.log"
 
 has step && stage "bench/step.py ${STEP_ARGS[*]}"
 has step && timeout 90 $PY bench/step.py "${STEP_ARGS[@]}" --out "$OUT/step" 2>&1 | grep -v "^\[" | tail -n 30 | tee -a "$OUT/summary.md"
+
+# exact against randomized SVD of one llama_1b and one llama_7b matrix ([2/5]: the first step's bases)
+if has svd && [ $DRY = 0 ]; then  # (its sizes take minutes on a CPU)
+  stage "bench/svd.py --device cuda"
+  timeout 60 $PY bench/svd.py --device cuda 2>&1 | tail -n 4 | tee -a "$OUT/summary.md"
+fi
 
 stage "done"

@@ -343,7 +343,7 @@ def from_group(group: dict):
     """The projector a (checked) subspace group asks for."""
     name, gap = group["projector"], group["update_gap"]
     if name == "svd":
-        return SVD(gap, group["svd_method"])
+        return SVD(gap, group.get("svd_method", "exact"))
     if name == "random":
         return Random(gap)
     rule, storage, weight_decay = PROJ_OPTIMIZERS[group["proj_optimizer"]]
@@ -357,7 +357,7 @@ def from_group(group: dict):
         weight_decay,
         group["orth_reg"],
         group["retract_every"],
-        group["svd_method"],
+        group.get("svd_method", "exact"),
     )
 
 
