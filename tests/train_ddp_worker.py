@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from osd import train
+from osd import cli_options, train
 
 
 def main(jobs_file: str) -> int:
-    train._quiet()
+    cli_options.quiet_stderr(train.PROG)
     rank = int(os.environ["RANK"])
     for job in json.loads(Path(jobs_file).read_text()):
         os.environ["MASTER_PORT"] = str(job["port"])

@@ -14,6 +14,9 @@ the seed's ``torch.optim.Adam`` couples it, identical at the recipes' weight dec
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # base name -> osd class name
@@ -138,3 +141,37 @@ def quiet_stderr(prog: str) -> None:
     for name in ("torchao", "torch.utils._pytree", "datasets", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# -- what osd-train and osd-glue share as command lines ---------------------------------
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, before anything is written."""
+
+
+class Diverged(Exception):
+    """The loss (or the weights) became non-finite: one line on stderr, exit code 3."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UsageError(message)
+
+
+def run_command(prog: str, run: Callable[[], object], handled: tuple = ()) -> int:
+    """Run a command's body with quiet stderr: 0 when it returns, else one line
+    ``prog: error: ...`` and :data:`EXIT_USAGE` (UsageError and the ``handled`` exception
+    types) or :data:`EXIT_DIVERGED` (Diverged)."""
+    quiet_stderr(prog)
+    try:
+        run()
+        return 0
+    except (UsageError, *handled) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Diverged as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED

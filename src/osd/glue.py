@@ -40,9 +40,9 @@ from types import SimpleNamespace
 import torch
 
 from osd import cli_options
+from osd.cli_options import Diverged, Parser, UsageError
 
 PROG = "osd-glue"
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
 # the encoder layers' attention and FFN matrices: BERT/RoBERTa/ELECTRA/DeBERTa
 # (``*.encoder.layer.N.*``) and DistilBERT (``*.transformer.layer.N.*``); never the pooler
 # (``bert.pooler.dense``) nor the head (``classifier``, ``classifier.dense``, ``classifier.out_proj``)
@@ -50,14 +50,6 @@ ENCODER_TARGETS = ("encoder.layer.", "transformer.layer.")
 DEFAULT_MODEL = "roberta-base"
 HUB_DATASET = "nyu-mll/glue"
 RUN_FILES = ("eval_results.json", "train_log.jsonl", "run_config.json", "config.json", "model.safetensors")
-
-
-class UsageError(Exception):
-    """Reported as one line on stderr, exit code 2."""
-
-
-class Diverged(Exception):
-    """The training loss became non-finite: one line on stderr, exit code 3."""
 
 
 @dataclass(frozen=True)
@@ -137,11 +129,6 @@ TASKS = {
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -670,22 +657,9 @@ def run(argv, build_optimizer=None, log=print) -> dict:
     return results
 
 
-def _quiet():
-    cli_options.quiet_stderr(PROG)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _quiet()
-    try:
-        run(argv)
-        return 0
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Diverged as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+    return cli_options.run_command(PROG, lambda: run(argv))
 
 
 if __name__ == "__main__":

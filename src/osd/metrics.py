@@ -29,8 +29,8 @@ class MetricsLog:
     def __init__(self, run_dir, resume_step: int = 0):
         self.path = Path(run_dir) / FILE
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None]
-            kept = [line for line in kept if _step(line) <= resume_step]
+            steps = [(line, _step(line)) for line in self.path.read_text().splitlines()]
+            kept = [line for line, step in steps if step is not None and step <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:

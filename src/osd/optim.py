@@ -275,17 +275,19 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         sides = projectors.resolve_sides(group["side"], m, n)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
         st = engine.stack_state(states)
-        old = {k: st[k].clone() for k in _bases(st)} if step > 0 else {}
-        finite = None
+        finite = None  # the matrices that may take a new basis, when some may not
         if projector.from_gradient:
-            finite = torch.isfinite(g).flatten(1).all(1)
-            if step == 0:  # no basis to keep: refuse (a refresh step may synchronise)
-                self._check_finite(params, [finite])
-            else:  # a matrix with a non-finite gradient keeps its basis
-                g = torch.where(finite.view(-1, 1, 1), g, 0)
+            flags = torch.isfinite(g).flatten(1).all(1)
+            # a refresh may synchronise: in the usual all-finite case nothing more is done
+            if flags.device.type != "meta" and not bool(flags.all()):
+                if step == 0:  # no basis to keep: refuse
+                    self._check_finite(params, [flags])
+                finite, g = flags, torch.where(flags.view(-1, 1, 1), g, 0)
+        keep_old = step > 0 and (group["transport"] or finite is not None)
+        old = {k: st[k].clone() for k in _bases(st)} if keep_old else {}
         projector.refresh(g, st, step, rank, sides, self._seeds(params))
         engine.add_new_state(states, st)
-        if finite is not None and old:
+        if finite is not None:  # a matrix with a non-finite gradient keeps its basis
             for k, before in old.items():
                 torch.where(finite.view(-1, 1, 1), st[k], before, out=st[k])
             self._count_skips(~finite)

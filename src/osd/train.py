@@ -43,21 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from osd import checkpoint, cli_options, models
+from osd.cli_options import Diverged, Parser, UsageError
 from osd.data import DataError, Documents, TokenBatches, count_tokens, load_tokenizer, open_source
 from osd.metrics import MetricsLog, plot_main
 
 PROG = "osd-train"
 
 
-class UsageError(Exception):
-    """Reported as one line on stderr, exit code 2."""
-
-
-class Diverged(Exception):
-    """The loss or the weights became non-finite: reported as one line, exit code 3."""
-
-
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
 # flags a resumed run may change: they do not touch the trajectory of the weights (a new
 # --num_training_steps / --max_train_tokens stretches the lr schedule from the resumed step)
 RESUMABLE_CHANGES = frozenset(
@@ -78,11 +70,6 @@ def token_count(text: str) -> int:
         return int(float(text[:-1] if scale != 1 else text) * scale)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 100M, 1B)") from None
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
 
 
 def flags_to_argv(flags: dict) -> list[str]:
@@ -741,26 +728,17 @@ def replace_run(args) -> list[str]:
     return removed
 
 
-def _quiet():
-    cli_options.quiet_stderr(PROG)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
-    _quiet()
-    try:
+
+    def body():
         run(argv)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return 0
-    except (UsageError, DataError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Diverged as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+
+    return cli_options.run_command(PROG, body, handled=(DataError,))
 
 
 if __name__ == "__main__":
