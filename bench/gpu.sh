@@ -54,7 +54,7 @@ STAGES=${STAGES:-tests throughput step svd}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 has tests && stage "CUDA tests (tests/test_cuda.py, CUDA peak-memory tests)"
-has tests && timeout 150 $PY -m pytest -q -p no:cacheprovider --durations 8 tests/test_cuda.py tests/test_memory.py -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -n 5 | tee -a "$OUT/summary.md"
+has tests && timeout 150 $PY -m pytest -q -p no:cacheprovider --durations 8 tests/test_cuda.py tests/test_memory.py tests/test_eightbit.py -k "cuda" 2>&1 | tee "$OUT/tests.log" | tail -n 5 | tee -a "$OUT/summary.md"
 
 if [ $DRY = 1 ]; then
   STEP_ARGS=(--device cpu --models 60m --methods "torch AdamW foreach,osd AdamW online_pca,osd AdamW8bit online_pca" --repeats 1 --refresh-repeats 0 --warmup 1)

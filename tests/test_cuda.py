@@ -79,3 +79,18 @@ def test_cuda_bf16_projection_close_to_fp32():
             opt.step()
         out.append(w.detach())
     assert ((out[0] - out[1]).norm() / out[0].norm()).item() < 1e-2
+
+
+def test_cuda_bf16_basis_step_restores_matmul_precision():
+    """The online-PCA basis step of bf16 gradients runs its fp32 products with TF32 and
+    leaves the global float32 matmul precision as it found it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 128, bias=False).cuda().bfloat16()
+    opt = osd.AdamW([{"params": [model.weight], "rank": 16, "update_gap": 2}], lr=1e-3)
+    before = torch.get_float32_matmul_precision()
+    for _ in range(3):
+        model(torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.get_float32_matmul_precision() == before
+    assert torch.isfinite(opt.state[model.weight]["basis_rows"]).all()

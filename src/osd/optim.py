@@ -314,7 +314,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             st.update(rule.init(r.shape, r.device, self.storage))
             engine.add_new_state(states, st)
         lr = group["lr"]
-        delta = rule.update(r, st, lr, step + 1, self.storage)
+        delta = self.storage.update(rule, r, st, lr, step + 1)
         bases = _bases(st)
         decay = lr * group.get("weight_decay", 0.0)
         if decay:  # W <- (1 - decay) W - scale B D = lerp(W, -(scale / decay) B D, decay): one pass over W
@@ -346,9 +346,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         flat, flat_grad, n = p.view(-1), grad.reshape(-1), p.numel()
         for start in range(0, n, engine.CHUNK_ELEMENTS):
             stop = min(n, start + engine.CHUNK_ELEMENTS)
-            g = flat_grad[start:stop].to(dtype).view(1, -1)
+            g = flat_grad[start:stop].view(1, -1)
             sub = engine.chunk_state(st, start, stop, getattr(self.storage, "block_size", 1))
-            engine.apply([flat[start:stop]], rule.update(g, sub, lr, step + 1, self.storage), lr, weight_decay)
+            engine.apply([flat[start:stop]], self.storage.update(rule, g, sub, lr, step + 1), lr, weight_decay)
 
     def _count_skips(self, skipped: torch.Tensor) -> None:
         """Add a step's skipped basis updates ((k,) bool, on the device) to the counter."""
@@ -377,13 +377,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         ):
             self._chunked_update(params[0], grads[0], states[0], rule, group, step)
         else:
+            # 8-bit storage takes the gradients as they are and runs fp32 maths (fused)
             dtype = params[0].dtype if self.storage is FP32 else torch.float32
-            g = engine.stack_grads(grads, tuple(params[0].shape), dtype)
+            g = engine.stack_grads(grads, tuple(params[0].shape), params[0].dtype)
             st = engine.stack_state(states)
             if step == 0:
                 st.update(rule.init(g.shape, g.device, self.storage, dtype))
                 engine.add_new_state(states, st)
-            engine.apply(params, rule.update(g, st, lr, step + 1, self.storage), lr, weight_decay)
+            engine.apply(params, self.storage.update(rule, g, st, lr, step + 1), lr, weight_decay)
         for s in states:
             s["step"] = step + 1
 

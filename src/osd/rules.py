@@ -54,6 +54,7 @@ class Adam:
     eps_before_correction: bool = False
 
     moments = (("exp_avg",), ("exp_avg_sq",))
+    elementwise = True  # every value's update depends on that value only (8-bit fused kernel)
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {
@@ -83,6 +84,7 @@ class Lion:
 
     betas: tuple[float, float] = (0.9, 0.99)
     moments = (("exp_avg",), ())
+    elementwise = True
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
@@ -111,6 +113,7 @@ class Adafactor:
     eps: tuple[float, float] = (1e-30, 1e-3)
     clip_threshold: float = 1.0
     moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
+    elementwise = False  # factored moments and update clipping reduce over each tensor
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         shape = tuple(shape)
@@ -154,6 +157,7 @@ class SGD:
     """Plain gradient descent, no state (the online-PCA reference's ``continuous_sgd``)."""
 
     moments = ((), ())
+    elementwise = True
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}

@@ -42,6 +42,10 @@ class Storage:
         if value is not state[key]:
             state[key].copy_(value)
 
+    def update(self, rule, g: torch.Tensor, state: dict, lr: float, step: int) -> torch.Tensor:
+        """``rule.update`` of the stack ``g`` with its state in this storage (the state's dtype)."""
+        return rule.update(g, state, lr, step, self)
+
 
 FP32 = Storage()
 
@@ -80,18 +84,48 @@ def _quantize(value: torch.Tensor, qmap: torch.Tensor, block_size: int) -> tuple
     return codes, scale
 
 
+def _fused_update(rule, g: torch.Tensor, moments: dict, lr, step, block_size: int) -> torch.Tensor:
+    """An elementwise rule's update of flat gradients ``g`` whose moments are 8-bit:
+    ``moments`` maps each moment's name to its flat (codes, scales, map), which are
+    dequantised, updated by ``rule`` in fp32 and requantised in place. Returns the update
+    in ``g``'s dtype. Compiled, this is one pass over the state (no fp32 moment in memory)."""
+    values = {key: _dequantize(codes, scale, qmap) for key, (codes, scale, qmap) in moments.items()}
+    delta = rule.update(g.float(), values, lr, step, FP32)
+    for key, (codes, scale, qmap) in moments.items():
+        new_codes, new_scale = _quantize(values[key], qmap, block_size)
+        codes.copy_(new_codes)
+        scale.copy_(new_scale)
+    return delta.to(g.dtype)
+
+
 _KERNELS: dict = {}
 
 
+def _eager(tensor: torch.Tensor, compile: bool) -> bool:
+    """Whether 8-bit kernels run eagerly: on the meta device, under a dispatch mode (op
+    counting), when asked, or when compilation failed once (with a warning)."""
+    return (
+        not compile
+        or tensor.device.type == "meta"
+        or _get_current_dispatch_mode() is not None
+        or _KERNELS.get("compiled", True) is None
+    )
+
+
 def _kernels(tensor: torch.Tensor, compile: bool):
-    """(dequantize, quantize): compiled once with dynamic shapes (one graph for every stack
-    shape), or eager on the meta device, under a dispatch mode (op counting), when asked, or
-    when compilation failed once (with a warning)."""
-    if not compile or tensor.device.type == "meta" or _get_current_dispatch_mode() is not None:
-        return _dequantize, _quantize
+    """(dequantize, quantize, fused update): compiled once with dynamic shapes (one graph for
+    every stack shape; the fused update one per rule), or eager (:func:`_eager`)."""
+    if _eager(tensor, compile):
+        return _dequantize, _quantize, _fused_update
     if "compiled" not in _KERNELS:
-        _KERNELS["compiled"] = (torch.compile(_dequantize, dynamic=True), torch.compile(_quantize, dynamic=True))
-    return _KERNELS.get("compiled") or (_dequantize, _quantize)
+        _KERNELS["compiled"] = tuple(torch.compile(f, dynamic=True) for f in (_dequantize, _quantize, _fused_update))
+    return _KERNELS["compiled"]
+
+
+def _no_duck_shapes():
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
 
 
 def _compile_failed(error: Exception) -> None:
@@ -127,6 +161,29 @@ class Blockwise8bit(Storage):
             key + SIGNED: bool(signed),
         }
 
+    def update(self, rule, g, state, lr, step):
+        """``rule.update`` with 8-bit moments. For an elementwise rule (Adam, Lion) the
+        moments are dequantised, updated and requantised by one compiled function
+        (:func:`_fused_update`): on a GPU one kernel per stack, where the rule's eager
+        arithmetic between a compiled dequantiser and quantiser reads and writes fp32
+        moments several times (bench/eightbit.py). Other rules (Adafactor) and eager runs
+        use :meth:`load`/:meth:`store`."""
+        quantized = [k for k in state if k + SCALE in state]
+        if not quantized or not getattr(rule, "elementwise", False) or _eager(g, self.compile):
+            return rule.update(g.float(), state, lr, step, self)
+        flat = {k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
+                for k in quantized}
+        fused = _kernels(g, self.compile)[2]
+        try:
+            # without duck sizing, equal sizes (a scale count of 256, the map's 256) are not
+            # tied together by guards, so one graph serves every stack shape
+            with _no_duck_shapes():
+                delta = fused(rule, g.reshape(-1).detach(), flat, lr, step, self.block_size)
+        except Exception as e:  # noqa: BLE001 - a compiler failure: fall back to eager
+            _compile_failed(e)
+            return rule.update(g.float(), state, lr, step, self)
+        return delta.view(g.shape)
+
     def load(self, state, key):
         if key + SCALE not in state:
             return state[key]
@@ -134,7 +191,8 @@ class Blockwise8bit(Storage):
         qmap = _qmap(state[key + SIGNED], codes.device)
         dequantize = _kernels(codes, self.compile)[0]
         try:
-            flat = dequantize(codes.view(-1), scale.view(-1), qmap)
+            with _no_duck_shapes():
+                flat = dequantize(codes.view(-1).detach(), scale.view(-1).detach(), qmap)
         except Exception as e:  # noqa: BLE001 - a compiler failure: fall back to eager
             if dequantize is _dequantize:
                 raise
@@ -149,7 +207,8 @@ class Blockwise8bit(Storage):
         qmap = _qmap(state[key + SIGNED], codes.device)
         quantize = _kernels(codes, self.compile)[1]
         try:
-            new_codes, new_scale = quantize(value.reshape(-1), qmap, self.block_size)
+            with _no_duck_shapes():
+                new_codes, new_scale = quantize(value.reshape(-1).detach(), qmap, self.block_size)
         except Exception as e:  # noqa: BLE001 - a compiler failure: fall back to eager
             if quantize is _quantize:
                 raise
