@@ -171,8 +171,10 @@ class Blockwise8bit(Storage):
         quantized = [k for k in state if k + SCALE in state]
         if not quantized or not getattr(rule, "elementwise", False) or _eager(g, self.compile):
             return rule.update(g.float(), state, lr, step, self)
-        flat = {k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
-                for k in quantized}
+        flat = {
+            k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
+            for k in quantized
+        }
         fused = _kernels(g, self.compile)[2]
         try:
             # without duck sizing, equal sizes (a scale count of 256, the map's 256) are not
