@@ -1,11 +1,13 @@
 """8-bit optimizer state: how fast is one 8-bit Adam update of a large tensor, per backend?
 
-Candidates, on one tensor of ``--numel`` values (default 4M, an embedding of 32000 x 128),
-block size 256, both moments 8-bit:
+Candidates, on ``--numel`` values (default 4M, an embedding of 32000 x 128) in ``--stack``
+same-shape tensors (one stack), block size 256, both moments 8-bit:
 
-* ``osd``: ``osd.AdamW8bit``'s step (dequantise, Adam, requantise with torchao's quantiser;
-  a plain group), with the quantiser and dequantiser compiled (the default; first step
-  includes the compilation) and eager;
+* ``osd``: ``osd.AdamW8bit``'s step (a plain group; dequantise, Adam, requantise with
+  torchao's quantiser): the fused update compiled with dynamic shapes (the default; first
+  step includes the compilation), the same compiled with static shapes, the same with a
+  ``torch.bucketize`` quantiser, compiled quantiser and dequantiser around an eager Adam
+  (``Blockwise8bit(fused=False)``), and all eager;
 * ``torchao eager``: the same update with torchao's own eager quantiser
   (``torchao.optim.quant_utils.quantize_8bit_with_qmap``, an 8-step binary search);
 * ``torchao compiled``: that update under ``torch.compile(fullgraph=True, dynamic=False)``, as
@@ -65,9 +67,27 @@ def torchao_update(quant_utils, qmaps):
     return update
 
 
+def _tensor_scalars(fn):
+    def call(rule, g, moments, lr, step, block_size):
+        return fn(rule, g, moments, torch.tensor(float(lr)), torch.tensor(float(step)), block_size)
+
+    return call
+
+
+def _bucketize_quantize(value, qmap, block_size):
+    """Nearest map entry by ``torch.bucketize`` on the midpoints (a variant of torchao's
+    branchless binary search, for timing)."""
+    blocks = value.view(-1, block_size)
+    scale = blocks.abs().amax(-1).clip(1e-12)
+    mid = (qmap[1:] + qmap[:-1]) * 0.5
+    codes = torch.bucketize((blocks / scale.unsqueeze(-1)).view(-1), mid, right=True).to(torch.uint8)
+    return codes, scale
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
     p.add_argument("--numel", type=int, default=4096 * 1024)
+    p.add_argument("--stack", type=int, default=1, help="split the values into this many same-shape tensors")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="also time torchao's update under torch.compile")
@@ -82,19 +102,41 @@ def main(argv=None):
         w.grad = torch.randn(n, device=device) * 1e-3
         return w
 
-    w = param()
-    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.0, fused=True)
+    stack = [torch.nn.Parameter(torch.randn(n // args.stack, device=device) * 0.02) for _ in range(args.stack)]
+    for w in stack:
+        w.grad = torch.randn_like(w) * 1e-3
+    opt = torch.optim.AdamW(stack, lr=1e-3, weight_decay=0.0, fused=True)
     rows.append(("fp32 fused (torch.optim.AdamW(fused=True))", timed(opt.step, device, args.repeats), ""))
-    for compiled in (True, False):
-        osd.storage.EIGHT_BIT.compile = compiled
-        w = param()
-        opt = osd.AdamW8bit([w], lr=1e-3, weight_decay=0.0)
+    storage = osd.storage
+    default = (storage.EIGHT_BIT.compile, storage.EIGHT_BIT.fused)
+    variants = [
+        ("osd.AdamW8bit, fused compiled update (default)", True, True, None),
+        ("osd.AdamW8bit, compiled quantiser and dequantiser, eager Adam", True, False, None),
+        ("osd.AdamW8bit, fused update compiled with static shapes, lr and step 0-d CPU tensors", True, True, "static"),
+        ("osd.AdamW8bit, fused update, bucketize quantiser", True, True, "bucketize"),
+        ("osd.AdamW8bit, eager", False, False, None),
+    ]
+    for name, compiled, fused, variant in variants:
+        storage.EIGHT_BIT.compile, storage.EIGHT_BIT.fused = compiled, fused
+        storage._KERNELS.clear()
+        quantize = storage._quantize
+        if variant == "bucketize":
+            storage._quantize = _bucketize_quantize
+        if variant:
+            eager = (storage._dequantize, storage._quantize)
+            fn = torch.compile(storage._fused_update, dynamic=variant != "static")
+            if variant == "static":  # the step and lr as 0-d CPU tensors, so they are not constants
+                fn = _tensor_scalars(fn)
+            storage._KERNELS["compiled"] = (*(torch.compile(f, dynamic=True) for f in eager), fn)
+        opt = osd.AdamW8bit([{"params": stack, "max_stack_bytes": 2**40}], lr=1e-3, weight_decay=0.0)
         start = time.perf_counter()
         opt.step()
         first = time.perf_counter() - start
-        name = "osd.AdamW8bit, " + ("compiled quantiser (default)" if compiled else "eager")
         rows.append((name, timed(opt.step, device, args.repeats), f"first step {first:.0f} s" if compiled else ""))
-    osd.storage.EIGHT_BIT.compile = True
+        storage._quantize = quantize
+    storage.EIGHT_BIT.compile, storage.EIGHT_BIT.fused = default
+    storage._KERNELS.clear()
+    w = param()
 
     qmaps = [torch.tensor(quant_utils.create_dynamic_map(signed=s), device=device) for s in (True, False)]
     update = torchao_update(quant_utils, qmaps)
@@ -125,10 +167,10 @@ def main(argv=None):
         import bitsandbytes as bnb
 
         w = param()
-        opt = bnb.optim.AdamW8bit([w], lr=1e-3, weight_decay=0.0, min_8bit_size=4096)
+        opt = bnb.optim.AdamW8bit(stack, lr=1e-3, weight_decay=0.0, min_8bit_size=4096)
         rows.append((f"bitsandbytes {bnb.__version__} AdamW8bit", timed(opt.step, device, args.repeats), ""))
-    except ImportError:
-        rows.append(("bitsandbytes AdamW8bit", float("nan"), "not installed"))
+    except Exception as e:  # noqa: BLE001 - not installed, or no kernels for this device
+        rows.append(("bitsandbytes AdamW8bit", float("nan"), f"{type(e).__name__}: {str(e)[:80]}"))
 
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"one Adam update of {n:,} values, 8-bit moments (block 256); {where}, torch {torch.__version__}\n")

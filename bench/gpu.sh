@@ -19,7 +19,7 @@ OUT=${OUT:-bench/out/gpu}
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl
-  for pkg in torchao==0.18.0 galore-torch==1.0; do
+  for pkg in torchao==0.18.0 galore-torch==1.0 bitsandbytes==0.50.2; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d .whl "$pkg" || exit 1
@@ -49,8 +49,8 @@ stage() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/summary.md"; }
 stage "environment"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$OUT/summary.md"
 
-# STAGES (default "tests throughput step svd") picks the parts to run, e.g. STAGES="tests step"
-STAGES=${STAGES:-tests throughput step svd}
+# STAGES (default "tests throughput step svd eightbit") picks the parts to run, e.g. STAGES="tests step"
+STAGES=${STAGES:-tests throughput step svd eightbit}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 has tests && stage "CUDA tests (tests/test_cuda.py, CUDA peak-memory tests)"
@@ -75,6 +75,12 @@ rm -f "$OUT/throughput.log"
 
 has step && stage "bench/step.py ${STEP_ARGS[*]}"
 has step && timeout 90 $PY bench/step.py "${STEP_ARGS[@]}" --out "$OUT/step" 2>&1 | grep -v "^\[" | tail -n 30 | tee -a "$OUT/summary.md"
+
+# 8-bit Adam update backends on one stack of 16 x 2048 x 2048 values (the 8-bit storage choice)
+if has eightbit && [ $DRY = 0 ]; then
+  stage "bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile"
+  timeout 240 $PY bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile --repeats 5 2>&1 | grep -v Warning | tail -n 14 | tee -a "$OUT/summary.md"
+fi
 
 # exact against randomized SVD of one llama_1b and one llama_7b matrix ([2/5]: the first step's bases)
 if has svd && [ $DRY = 0 ]; then  # (its sizes take minutes on a CPU)

@@ -73,8 +73,8 @@ class Adam:
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         if self.eps_before_correction:
-            return (m / v.sqrt().add_(self.eps)).mul_(lr * math.sqrt(bias_correction2) / bias_correction1)
-        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(self.eps)
+            return (m / v.sqrt().add_(self.eps)).mul_(lr * bias_correction2**0.5 / bias_correction1)
+        denom = (v.sqrt() / bias_correction2**0.5).add_(self.eps)
         return (m / denom).mul_(lr / bias_correction1)
 
 

@@ -144,10 +144,11 @@ class Blockwise8bit(Storage):
     7x (quantise) and 5x (dequantise) faster than eager on a 2-core CPU (bench/eightbit.py);
     eager, torchao's quantiser is about 30 ops."""
 
-    def __init__(self, block_size: int = 256, min_numel: int = 4096, compile: bool = True):
+    def __init__(self, block_size: int = 256, min_numel: int = 4096, compile: bool = True, fused: bool = True):
         self.block_size = block_size
         self.min_numel = min_numel
         self.compile = compile
+        self.fused = fused
 
     def zeros(self, key, shape, device, signed: bool, dtype=torch.float32):
         shape = tuple(shape)
@@ -169,7 +170,7 @@ class Blockwise8bit(Storage):
         moments several times (bench/eightbit.py). Other rules (Adafactor) and eager runs
         use :meth:`load`/:meth:`store`."""
         quantized = [k for k in state if k + SCALE in state]
-        if not quantized or not getattr(rule, "elementwise", False) or _eager(g, self.compile):
+        if not (quantized and self.fused and getattr(rule, "elementwise", False)) or _eager(g, self.compile):
             return rule.update(g.float(), state, lr, step, self)
         flat = {
             k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
