@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check of the optimizer engine (issue [1/5]) in ONE call of at most 9 minutes on one
-# H100 (timeouts: tests 90 s, throughput 360 s, step 90 s): the CUDA tests,
+# Every GPU check of the optimizer engine (issue [1/5]) on one H100, by stage (timeouts: tests
+# 150 s, throughput 360 s, step 90 s, svd 60 s, eightbit 120 s): the CUDA tests,
 # bench/throughput.py (tokens/s against torch AdamW(fused=True) at llama_60m/350m/1b, with a
-# torch.profiler summary) and bench/step.py on CUDA (the optimizer step alone, 60m). The
-# throughput rows are written after each row, so a timeout keeps what finished; rerun the
-# rest with bench/throughput.py --sizes llama_1b. Everything it writes lies under $OUT
-# (default bench/out/gpu):
+# torch.profiler summary), bench/step.py on CUDA (the optimizer step alone, 60m),
+# bench/svd.py (exact against randomized SVD) and bench/eightbit.py (8-bit update backends).
+# One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
+# (560 s on 2026-11-26) and STAGES="svd eightbit". The throughput rows are written after each
+# row, so a timeout keeps what finished; rerun the rest with bench/throughput.py --sizes
+# llama_1b. Everything it writes lies under $OUT (default bench/out/gpu):
 #   tests.log, step/step.md, step/step.png, throughput/throughput.json, throughput/throughput.md,
 #   throughput/profile.md, summary.md   (7 files: the device tool brings back at most 8).
 #
-#   bash bench/gpu.sh --fetch-wheels   # here, once: torchao + galore-torch wheels for the GPU
+#   bash bench/gpu.sh --fetch-wheels   # here, once: torchao, galore-torch, bitsandbytes wheels for the GPU
 #                                      # machine's Python 3.12 into .whl/ (git-ignored)
 #   bash bench/gpu.sh                  # on the GPU machine: device run, carry [".whl"], timeout 600
 #   bash bench/gpu.sh --dry-run        # on a CPU: the same steps at toy sizes (checks the script)
@@ -79,7 +81,7 @@ has step && timeout 90 $PY bench/step.py "${STEP_ARGS[@]}" --out "$OUT/step" 2>&
 # 8-bit Adam update backends on one stack of 16 x 2048 x 2048 values (the 8-bit storage choice)
 if has eightbit && [ $DRY = 0 ]; then
   stage "bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile"
-  timeout 240 $PY bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile --repeats 5 2>&1 | grep -v Warning | tail -n 14 | tee -a "$OUT/summary.md"
+  timeout 120 $PY bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile --repeats 5 2>&1 | grep -v Warning | tail -n 14 | tee -a "$OUT/summary.md"
 fi
 
 # exact against randomized SVD of one llama_1b and one llama_7b matrix ([2/5]: the first step's bases)

@@ -109,7 +109,7 @@ def test_fused_update_equals_eager(rule, device):
 
     from osd.storage import Blockwise8bit
 
-    fused, eager = Blockwise8bit(), Blockwise8bit(compile=False)
+    fused, eager = Blockwise8bit(fused=True), Blockwise8bit(compile=False)
     shapes = [(3, 64, 256), (1, 4096), (2, 256, 64), (1, 8, 512), (5, 1024)]
     for i, shape in enumerate(shapes):
         if i == 2:  # compiled for fp32 and bf16 gradients: no more graphs for new shapes

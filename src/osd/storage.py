@@ -139,12 +139,17 @@ class Blockwise8bit(Storage):
     torchao does): their memory is negligible and quantising them costs accuracy for nothing.
     A stack is quantised and dequantised in one pass: blocks never straddle two tensors.
 
-    ``compile=True`` (the default) runs the quantiser and dequantiser under
-    ``torch.compile``: one graph for all shapes, compiled on first use (about 15 s on a CPU),
-    7x (quantise) and 5x (dequantise) faster than eager on a 2-core CPU (bench/eightbit.py);
-    eager, torchao's quantiser is about 30 ops."""
+    ``compile=True`` (the default) runs the 8-bit kernels under ``torch.compile`` with
+    dynamic shapes (one graph for all stack shapes, compiled on first use: 5-20 s).
+    ``fused`` picks which kernels: the whole update of an elementwise rule in one compiled
+    function (``True``), or a compiled dequantiser and quantiser around the rule's eager
+    arithmetic (``False``). ``None`` (the default) fuses on CUDA only, as measured by
+    ``bench/eightbit.py`` (one Adam update of 64M values in 16 tensors): 4.1 against 4.6 ms
+    on an H100, 61 against 27 ms on a 2-core CPU. Both are far from torchao's own compiled
+    update of one flat tensor with static shapes (0.9 ms on the H100) and from
+    bitsandbytes' kernel (2.7 ms): README, "8-bit state"."""
 
-    def __init__(self, block_size: int = 256, min_numel: int = 4096, compile: bool = True, fused: bool = True):
+    def __init__(self, block_size: int = 256, min_numel: int = 4096, compile: bool = True, fused: bool | None = None):
         self.block_size = block_size
         self.min_numel = min_numel
         self.compile = compile
@@ -163,14 +168,13 @@ class Blockwise8bit(Storage):
         }
 
     def update(self, rule, g, state, lr, step):
-        """``rule.update`` with 8-bit moments. For an elementwise rule (Adam, Lion) the
-        moments are dequantised, updated and requantised by one compiled function
-        (:func:`_fused_update`): on a GPU one kernel per stack, where the rule's eager
-        arithmetic between a compiled dequantiser and quantiser reads and writes fp32
-        moments several times (bench/eightbit.py). Other rules (Adafactor) and eager runs
-        use :meth:`load`/:meth:`store`."""
+        """``rule.update`` with 8-bit moments. When fused (see the class), an elementwise
+        rule's moments (Adam, Lion) are dequantised, updated and requantised by one compiled
+        function (:func:`_fused_update`); other rules (Adafactor), unfused and eager runs
+        use :meth:`load`/:meth:`store` around the rule."""
         quantized = [k for k in state if k + SCALE in state]
-        if not (quantized and self.fused and getattr(rule, "elementwise", False)) or _eager(g, self.compile):
+        fused = self.fused if self.fused is not None else g.is_cuda
+        if not (quantized and fused and getattr(rule, "elementwise", False)) or _eager(g, self.compile):
             return rule.update(g.float(), state, lr, step, self)
         flat = {
             k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
