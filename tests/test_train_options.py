@@ -376,3 +376,13 @@ def test_svd_method_reaches_the_subspace_group(model):
     assert sub["svd_method"] == "exact"
     _, sub = build(model, "galore_adamw", "std", svd_method="randomized").param_groups
     assert sub["svd_method"] == "randomized"
+
+
+def test_correction_flag_reaches_the_subspace_group(model):
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1"])
+    assert args.correction == "none"
+    _, sub = build(model, "galore_adamw", "continuous").param_groups
+    assert sub["correction"] == "none"
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--correction", "fira"])
+    _, sub = build(model, "galore_adamw8bit", "std", correction=args.correction).param_groups
+    assert sub["correction"] == "fira"

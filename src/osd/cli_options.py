@@ -118,6 +118,8 @@ def build_optimizer(model, args, target_modules=None):
             options["proj_dtype"] = args.proj_dtype
         if getattr(args, "svd_method", "exact") != "exact":
             options["svd_method"] = args.svd_method
+        if getattr(args, "correction", "none") != "none":
+            options["correction"] = args.correction
         groups = osd.param_groups(model, args.rank, target_modules or osd.groups.TARGET_MODULES, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from osd import engine, hf, projectors, storage
+from osd import corrections, engine, hf, projectors, storage
 from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
 from osd.rules import Adam, Rule
@@ -317,12 +317,21 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         delta = self.storage.update(rule, r, st, lr, step + 1)
         bases = _bases(st)
         decay = lr * group.get("weight_decay", 0.0)
-        if decay:  # W <- (1 - decay) W - scale B D = lerp(W, -(scale / decay) B D, decay): one pass over W
-            update = projectors.project_back((delta * (-group["scale"] / decay)).to(g.dtype), bases)
-            engine.lerp(params, update, decay)
+        scale = group["scale"]
+        correction = group.get("correction", "none")
+        if correction != "none":  # a full-space term: the update is m x n anyway
+            term = corrections.fira(g, g_projected, r, delta, rule.step_size(lr, step + 1), bases, scale, st)
+            engine.add_new_state(states, st)
+            update = projectors.project_back(delta.to(g.dtype), bases).mul_(scale).add_(term)
+            scale = 1.0
+        elif decay:  # scale the small r x k update instead of the m x n one
+            update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
         else:
             update = projectors.project_back(delta.to(g.dtype), bases)
-            engine.apply(params, update, lr, 0.0, alpha=-group["scale"])
+        if decay:  # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W
+            engine.lerp(params, update if correction == "none" else update.mul_(-scale / decay), decay)
+        else:
+            engine.apply(params, update, lr, 0.0, alpha=-scale)
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
         skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"])
         if skipped is not None:

@@ -83,6 +83,7 @@ def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
 
 
 SVD_METHODS = ("exact", "randomized")
+CORRECTIONS = ("none", "fira")  # osd.corrections (kept here: the group options are checked here)
 OVERSAMPLE, POWER_ITERATIONS = 8, 2  # randomized SVD (Halko, Martinsson & Tropp 2011)
 
 
@@ -286,6 +287,7 @@ SUBSPACE_DEFAULTS = {
     "transport": False,
     "proj_dtype": "auto",
     "svd_method": "exact",
+    "correction": "none",
 }
 
 PROJ_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -312,6 +314,7 @@ def check_group(group: dict, names: list[str]) -> None:
         ("proj_optimizer", PROJ_OPTIMIZERS),
         ("proj_dtype", PROJ_DTYPES),
         ("svd_method", SVD_METHODS),
+        ("correction", CORRECTIONS),
     ):
         if group[key] not in valid:
             raise ValueError(f"unknown {key} {group[key]!r}; valid: {', '.join(valid)}")

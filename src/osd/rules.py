@@ -62,6 +62,14 @@ class Adam:
             **storage.zeros("exp_avg_sq", shape, device, signed=False, dtype=dtype),
         }
 
+    def step_size(self, lr, step):
+        """The factor between the update and its normalised direction: ``m / (sqrt(v) + eps)``
+        (eps before correction) or the bias-corrected ``m_hat / (sqrt(v_hat) + eps)``."""
+        beta1, beta2 = self.betas
+        if self.eps_before_correction:
+            return lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+        return lr
+
     def update(self, g, state, lr, step, storage: Storage = FP32):
         beta1, beta2 = self.betas
         m = storage.load(state, "exp_avg")
@@ -85,6 +93,10 @@ class Lion:
     betas: tuple[float, float] = (0.9, 0.99)
     moments = (("exp_avg",), ())
     elementwise = True
+
+    def step_size(self, lr, step):
+        """The factor between the update and its normalised direction: the learning rate."""
+        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
@@ -114,6 +126,10 @@ class Adafactor:
     clip_threshold: float = 1.0
     moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
     elementwise = False  # factored moments and update clipping reduce over each tensor
+
+    def step_size(self, lr, step):
+        """The factor between the update and its normalised direction: the learning rate."""
+        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         shape = tuple(shape)
@@ -158,6 +174,10 @@ class SGD:
 
     moments = ((), ())
     elementwise = True
+
+    def step_size(self, lr, step):
+        """The factor between the update and its normalised direction: the learning rate."""
+        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}

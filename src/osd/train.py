@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["exact", "randomized"],
         help="SVD for the bases (svd refreshes, online PCA's first basis): randomized is O(mnr)",
     )
+    p.add_argument(
+        "--correction",
+        default="none",
+        choices=["none", "fira"],
+        help="full-rank correction of subspace updates: fira adds the scaled, norm-limited residual",
+    )
     p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
     p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: all)")
