@@ -175,6 +175,8 @@ METHODS = [
     Method("fira", "Fira (pytorch-optimizer)", 1e-2, factory=fira),
     Method("galore_fira", "GaLore + Fira correction (osd)", 1e-2, flags=_osd("std", correction="fira")),
     Method("osd_fira", "OSD + Fira correction (osd)", 1e-2, flags=_osd("continuous", correction="fira")),
+    Method("apollo_osd", "APOLLO (osd, random projector)", 1e-2, flags=_osd("random", correction="apollo"), scale=1.0),
+    Method("osd_apollo", "OSD + APOLLO scaling (osd)", 1e-2, flags=_osd("continuous", correction="apollo"), scale=1.0),
     Method("osd_transport", "OSD + transport", 1e-2, flags=_osd("continuous", transport=True), ablation=True),
     Method("osd_orth", "OSD + orth_reg 0.1, P lr 5x", 1e-2, flags=_osd("continuous", orth_reg=0.1), ablation=True),
     Method("osd_retract", "OSD + QR every 10", 1e-2, flags=_osd("continuous", retract_every=10), ablation=True),

@@ -1,6 +1,8 @@
-"""Full-rank corrections (osd.corrections): Fira's term equals pytorch_optimizer.Fira with the
-projector Fira uses (SVD) and Adam, composes with every projector and rule, and keeps the
-engine's properties (a stack equals its members one at a time, state in the state dict)."""
+"""Full-rank corrections (osd.corrections): Fira's equals pytorch_optimizer.Fira with the
+projector Fira uses (SVD) and Adam, APOLLO's equals its paper (an independent
+re-implementation: pytorch_optimizer's APOLLO differs from the paper), and every correction
+composes with every projector and rule, keeping the engine's properties (a stack equals its
+members one at a time, state in the state dict)."""
 
 import pytest
 import torch
@@ -77,17 +79,18 @@ def test_fira_weight_decay_close_to_pytorch_optimizer():
     assert_close_traj(ours, ref, 1e-3)  # measured: at most 2.1e-4
 
 
+@pytest.mark.parametrize("correction", ["fira", "apollo", "apollo_mini"])
 @pytest.mark.parametrize("projector", ["online_pca", "svd", "random"])
 @pytest.mark.parametrize("cls", [osd.AdamW, osd.AdamW8bit, osd.Lion, osd.Adafactor, osd.SGD])
-def test_fira_composes_with_every_projector_and_rule(projector, cls):
-    """Every projector x rule trains with the correction, a stack equals its members one at
-    a time, and the limiter's state is one fp32 number per matrix, in the state dict."""
+def test_every_correction_composes_with_every_projector_and_rule(projector, cls, correction):
+    """Every correction x projector x rule trains, a stack equals its members one at a
+    time, and the limiter's state is one fp32 number per matrix, in the state dict."""
     torch.manual_seed(0)
     ws = [torch.nn.Parameter(torch.randn(256, 128) / 16) for _ in range(3)]
     xs = [torch.randn(128, 32) for _ in range(6)]
 
     def train(params, one_at_a_time):
-        group = {"params": params, "rank": 8, "projector": projector, "update_gap": 3, "correction": "fira"}
+        group = {"params": params, "rank": 8, "projector": projector, "update_gap": 3, "correction": correction}
         opt = cls([group], lr=1e-3)
         for x in xs:
             opt.zero_grad()
@@ -108,8 +111,8 @@ def test_fira_composes_with_every_projector_and_rule(projector, cls):
         assert torch.isfinite(w).all()
         torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)
     state = opt.state[ws[0]]
-    assert state["fira_norm"].shape == () and state["fira_norm"].dtype == torch.float32
-    assert "fira_norm" in opt.state_dict()["state"][0]
+    assert state["correction_norm"].shape == () and state["correction_norm"].dtype == torch.float32
+    assert "correction_norm" in opt.state_dict()["state"][0]
     del copies
 
 
@@ -129,5 +132,84 @@ def test_fira_moves_the_residual_directions():
 
 def test_unknown_correction_is_refused():
     w = torch.nn.Parameter(torch.zeros(8, 8))
-    with pytest.raises(ValueError, match="unknown correction 'apollo'; valid: none, fira"):
-        osd.AdamW([{"params": [w], "rank": 2, "correction": "apollo"}])
+    with pytest.raises(ValueError, match="unknown correction 'lora'; valid: none, fira, apollo, apollo_mini"):
+        osd.AdamW([{"params": [w], "rank": 2, "correction": "lora"}])
+
+
+def _apollo_reference(w0, batches, rank, scale, tensor_wise, lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    """APOLLO as its paper and official code write it (an independent re-implementation):
+    Adam on the projected gradient R only estimates, per channel (or per tensor), the ratio
+    ||m / (sqrt(v) + eps)|| / ||R||; the update is the whole gradient times that ratio,
+    norm-growth limited, times scale and Adam's step size. The basis: the top-r singular
+    vectors of the first gradient on the smaller side, kept."""
+    from conftest import loss_fn
+
+    w = w0.clone().requires_grad_()
+    m = v = basis = previous = None
+    traj = []
+    for t, batch in enumerate(batches, 1):
+        w.grad = None
+        loss_fn(w, batch).backward()
+        g = w.grad.detach()
+        tall = g.shape[0] >= g.shape[1]
+        h = g if tall else g.T  # right projection of the tall form
+        if basis is None:
+            basis = torch.linalg.svd(h, full_matrices=False)[2][:rank].T
+            m, v = torch.zeros(h.shape[0], rank), torch.zeros(h.shape[0], rank)
+        r = h @ basis
+        m.lerp_(r, 1 - betas[0])
+        v.mul_(betas[1]).addcmul_(r, r, value=1 - betas[1])
+        step_size = lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t)
+        direction = m / (v.sqrt() + eps)
+        if tensor_wise:
+            phi = direction.norm() / (r.norm() + 1e-8)
+        else:
+            phi = direction.norm(dim=1, keepdim=True) / (r.norm(dim=1, keepdim=True) + 1e-8)
+        scaled = h * phi
+        norm = scaled.norm()
+        if previous is not None:
+            limiter = max(norm / (previous + 1e-8), 1.01) / 1.01
+            scaled, norm = scaled / limiter, norm / limiter
+        previous = norm
+        with torch.no_grad():
+            w -= step_size * scale * (scaled if tall else scaled.T)
+        traj.append(w.detach().clone())
+    return traj
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("kind", ["apollo", "apollo_mini"])
+def test_apollo_equals_its_paper(shape, kind):
+    """With a kept SVD basis (the paper uses a random one; the correction does not care which),
+    osd's APOLLO follows the paper's update to 1e-5 over 12 steps, channel-wise and
+    tensor-wise (Mini)."""
+    w0, batches = quadratic_problem(shape, STEPS)
+    scale = 1.0 if kind == "apollo" else 128**0.5
+    ref = _apollo_reference(w0, batches, rank=8, scale=scale, tensor_wise=kind == "apollo_mini")
+    ours = run(
+        lambda p: osd.AdamW(
+            [{"params": p, "rank": 8, "projector": "svd", "update_gap": 100, "scale": scale, "correction": kind}],
+            lr=1e-2,
+            weight_decay=0.0,
+        ),
+        w0,
+        batches,
+    )
+    assert_close_traj(ours, ref, 1e-5)
+
+
+def test_apollo_update_is_full_rank_and_leaves_the_gradient_alone():
+    """APOLLO's update is the scaled gradient, full rank; the caller's gradient is unchanged."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(64, 32))
+    opt = osd.AdamW(
+        [{"params": [w], "rank": 4, "projector": "random", "correction": "apollo"}], lr=1e-2, weight_decay=0
+    )
+    grad = torch.randn(64, 32)
+    w.grad = grad.clone()
+    opt.step()
+    assert torch.equal(w.grad, grad)
+    assert torch.linalg.matrix_rank(w.detach()).item() == 32
+    # channel-wise: each row of the update is the gradient's row times one positive number
+    ratio = w.detach() / -grad
+    assert (ratio > 0).all() and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)

@@ -9,12 +9,23 @@ by the group option ``correction``:
 
 * ``"none"``: GaLore / Online Subspace Descent (the default);
 * ``"fira"`` (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under
-  Low-rank Constraint?"): the residual scaled, per row (right projection), per column (left)
-  or per matrix (both sides), by the norm ratio ``||D_hat|| / (||R|| + 1e-8)`` of the rule's
-  normalised update ``D_hat = D / step_size`` to the projected gradient, then limited so its
-  norm grows at most 1.01x per step (the norm-growth limiter), then multiplied by the rule's
-  step size. With the SVD projector and Adam this is ``pytorch_optimizer.Fira`` (tested to
-  1e-5). Its state: one fp32 number per matrix (the limited norm of the previous step).
+  Low-rank Constraint?"): adds the residual ``G - scale B P`` (P the projected gradient; the
+  references subtract the scaled back-projection), scaled per row (right projection), per
+  column (left) or per matrix (both sides) by ``phi = ||D_hat|| / (||R|| + 1e-8)``, the norm
+  of the rule's normalised update ``D_hat = D / step_size`` over the projected gradient's,
+  then limited so its norm grows at most 1.01x per step (the norm-growth limiter), times the
+  rule's step size. With the SVD projector and Adam this is ``pytorch_optimizer.Fira``
+  (tested to 1e-5).
+* ``"apollo"`` (Zhu et al. 2024, "APOLLO: SGD-like Memory, AdamW-level Performance"): the
+  update is the whole gradient ``G`` scaled channel-wise by the same ``phi`` (limited the
+  same way), times the step size and ``scale``, instead of ``scale B D``: the subspace only
+  estimates the per-channel learning rates. The paper uses the random projector, rank 256,
+  scale 1. ``pytorch_optimizer.APOLLO`` (4.1) differs from the paper and its official code:
+  it scales the projected gradient and projects it back, a rank-r update.
+* ``"apollo_mini"``: APOLLO with one scale per matrix (tensor-wise); the paper's APOLLO-Mini
+  is this with rank 1 and scale sqrt(128) (its code multiplies by sqrt of its ``scale``).
+
+All keep one fp32 number per matrix of state (the limited norm of the previous step).
 
 Every function takes stacks (leading dimension k) and reads nothing on the host.
 """
@@ -25,9 +36,9 @@ import torch
 
 from osd.projectors import COLS, CORRECTIONS, ROWS, project_back
 
-__all__ = ["CORRECTIONS", "fira"]
+__all__ = ["CORRECTIONS", "update"]
 LIMIT = 1.01  # Fira's norm-growth limit per step
-NORM_KEY = "fira_norm"
+NORM_KEY = "correction_norm"
 
 
 def _ratio_dims(bases: dict) -> tuple[int, ...]:
@@ -38,7 +49,8 @@ def _ratio_dims(bases: dict) -> tuple[int, ...]:
     return (-1,) if COLS in bases else (-2,)
 
 
-def fira(
+def update(
+    kind: str,
     g: torch.Tensor,
     g_projected: torch.Tensor,
     r: torch.Tensor,
@@ -48,15 +60,26 @@ def fira(
     scale: float,
     state: dict,
 ) -> torch.Tensor:
-    """Fira's term for a stack, in ``g``'s dtype: ``step_size * phi * (G - scale B P) / limiter``
-    with ``P`` the projection of ``g`` (``g_projected``) and ``phi = ||delta / step_size|| /
-    (||R|| + 1e-8)``, ``R`` what the rule saw (``r``: the same as ``P`` unless
-    accumulating). Creates or updates ``state[NORM_KEY]`` (k fp32 norms)."""
-    dims = _ratio_dims(bases)
+    """The full-space update of a stack (``W <- W - update``, before weight decay), in
+    ``g``'s dtype, for the correction ``kind``; it replaces the plain ``scale * B delta``.
+    ``g_projected`` is the projection of ``g``, ``r`` what the rule saw (the same unless
+    accumulating), ``delta`` the rule's update of ``r`` and ``step_size`` its factor over the
+    normalised direction (``rule.step_size``). Creates or updates ``state[NORM_KEY]``."""
+    if kind == "fira":
+        dims, base = _ratio_dims(bases), g - project_back(g_projected.to(g.dtype), bases) * scale
+    else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise
+        dims, base = (_ratio_dims(bases) if kind == "apollo" else (-2, -1)), g
     normalised = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / step_size
     phi = normalised / (torch.linalg.vector_norm(r.float(), dim=dims, keepdim=True) + 1e-8)
-    residual = g - project_back(g_projected.to(g.dtype), bases) * scale
-    term = residual.float().mul_(phi)
+    term = _limited(base.float() * phi, state).mul_(step_size)  # never in place: base may be G itself
+    if kind == "fira":
+        return project_back(delta.to(g.dtype), bases).mul_(scale).add_(term.to(g.dtype))
+    return term.mul_(scale).to(g.dtype)
+
+
+def _limited(term: torch.Tensor, state: dict) -> torch.Tensor:
+    """Fira's norm-growth limiter: each matrix's ``term`` divided so that its norm grows at
+    most ``LIMIT`` times per step; the limited norm is kept in ``state[NORM_KEY]``."""
     norm = torch.linalg.vector_norm(term, dim=(-2, -1))
     if NORM_KEY in state:
         limiter = (norm / (state[NORM_KEY] + 1e-8)).clamp_(min=LIMIT) / LIMIT
@@ -64,4 +87,4 @@ def fira(
         state[NORM_KEY].copy_(norm / limiter)
     else:
         state[NORM_KEY] = norm
-    return term.mul_(step_size).to(g.dtype)
+    return term

@@ -320,9 +320,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         scale = group["scale"]
         correction = group.get("correction", "none")
         if correction != "none":  # a full-space term: the update is m x n anyway
-            term = corrections.fira(g, g_projected, r, delta, rule.step_size(lr, step + 1), bases, scale, st)
+            step_size = rule.step_size(lr, step + 1)
+            update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st)
             engine.add_new_state(states, st)
-            update = projectors.project_back(delta.to(g.dtype), bases).mul_(scale).add_(term)
             scale = 1.0
         elif decay:  # scale the small r x k update instead of the m x n one
             update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)

@@ -83,7 +83,12 @@ def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
 
 
 SVD_METHODS = ("exact", "randomized")
-CORRECTIONS = ("none", "fira")  # osd.corrections (kept here: the group options are checked here)
+CORRECTIONS = (
+    "none",
+    "fira",
+    "apollo",
+    "apollo_mini",
+)  # osd.corrections (kept here: the group options are checked here)
 OVERSAMPLE, POWER_ITERATIONS = 8, 2  # randomized SVD (Halko, Martinsson & Tropp 2011)
 
 

@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--correction",
         default="none",
-        choices=["none", "fira"],
-        help="full-rank correction of subspace updates: fira adds the scaled, norm-limited residual",
+        choices=["none", "fira", "apollo", "apollo_mini"],
+        help="full-rank correction of subspace updates: fira adds the scaled, norm-limited residual; "
+        "apollo / apollo_mini scale the whole gradient channel-wise / tensor-wise",
     )
     p.add_argument("--log_dir", help="metrics.jsonl and run_config.json (default: --save_dir)")
     p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
