@@ -9,6 +9,7 @@ import torch
 from conftest import SHAPES, assert_close_traj, quadratic_problem, run
 
 import osd
+import osd.memory
 
 STEPS = 12
 
@@ -213,3 +214,16 @@ def test_apollo_update_is_full_rank_and_leaves_the_gradient_alone():
     # channel-wise: each row of the update is the gradient's row times one positive number
     ratio = w.detach() / -grad
     assert (ratio > 0).all() and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)
+
+
+def test_memory_estimate_counts_the_correction():
+    """One fp32 norm per matrix of state (what the optimizer holds) and more step temporaries."""
+    base = osd.memory.estimate("llama_60m", optimizer="osd", rank=128)
+    fira = osd.memory.estimate("llama_60m", optimizer="osd", rank=128, correction="fira")
+    matrices = 8 * 7  # llama_60m: 8 layers of 7 attention/MLP matrices
+    assert fira.optimizer_state - base.optimizer_state == 4 * matrices
+    assert fira.total > base.total
+    with pytest.raises(ValueError, match="unknown correction 'lora'; valid: none, fira, apollo, apollo_mini"):
+        osd.memory.estimate("llama_60m", optimizer="osd", rank=128, correction="lora")
+    with pytest.raises(ValueError, match="a correction is for galore/osd subspace updates, not adamw"):
+        osd.memory.estimate("llama_60m", optimizer="adamw", correction="fira")

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from osd.engine import CHUNK_ELEMENTS
 from osd.groups import TARGET_MODULES
 from osd.models import SIZES, resolve
-from osd.projectors import PROJ_OPTIMIZERS
+from osd.projectors import CORRECTIONS, PROJ_OPTIMIZERS
 
 VOCAB_SIZE = 32000
 
@@ -91,6 +91,11 @@ GB = 1e9
 # cast for 16-bit weights), OSD also the normalised gradient for the basis step. The 8-bit
 # 16-bit figure (31) is fitted to torch.cuda.max_memory_allocated on an H100 (llama_1b,
 # 8-bit AdamW: bench/memory.py --measure); the others follow the code.
+# A full-rank correction (osd.corrections) adds an fp32 m x n term and a full-space base (the
+# residual or the gradient) to a subspace update: counted from the code, not yet measured.
+CORRECTION_TEMPORARIES = 8
+
+
 STEP_TEMPORARIES = {  # kind: ((per_element fp32, per_element 16-bit), per_rank)
     "adamw": ((8, 4), 0),
     "adamw8bit": ((16, 31), 0),
@@ -269,6 +274,7 @@ def estimate(
     seq_len: int = 256,
     activation_checkpointing: bool = False,
     proj_optimizer: str | None = None,
+    correction: str = "none",
 ) -> Estimate:
     """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
 
@@ -278,7 +284,8 @@ def estimate(
     need ``rank``. The inputs are checked as ``osd-train`` checks them (float16, a sequence
     longer than the model's positions and a basis optimizer for anything but osd are
     refused); a rank above a matrix's smaller side is clamped, as the optimizer does, with a
-    warning.
+    warning. ``correction`` (galore/osd: none, fira, apollo, apollo_mini) adds one fp32 norm
+    per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per element of the update.
     """
     shape = model_shape(config)
     if optimizer not in OPTIMIZERS:
@@ -293,6 +300,10 @@ def estimate(
     if proj_optimizer not in PROJ_OPTIMIZERS:
         raise ValueError(f"unknown proj_optimizer {proj_optimizer!r}; valid: {', '.join(PROJ_OPTIMIZERS)}")
     subspace = optimizer in ("galore", "osd")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
+    if correction != "none" and not subspace:
+        raise ValueError(f"a correction is for galore/osd subspace updates, not {optimizer}")
     if subspace and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"optimizer {optimizer} needs a positive integer rank, got {rank!r}")
     if not subspace and rank is not None:
@@ -322,11 +333,12 @@ def estimate(
     weights = gradients = sum(p.numel for p in params) * e
 
     # optimizer state
-    plain = moments = bases = basis_opt = 0
+    plain = moments = bases = basis_opt = norms = 0
     for p in params:
         if subspace and p.targeted:
             m, n = p.shape
             r = min(rank, m, n)
+            norms += 4 if correction != "none" else 0
             moments += 2 * state_tensor_bytes(max(m, n) * r, eight_bit)
             bases += min(m, n) * r * 4
             if optimizer == "osd":
@@ -334,7 +346,7 @@ def estimate(
         else:
             # osd.AdamW8bit keeps plain moments fp32 when they are not quantised
             plain += 2 * state_tensor_bytes(p.numel, eight_bit, 4 if eight_bit else e)
-    state = plain + moments + bases + basis_opt
+    state = plain + moments + bases + basis_opt + norms
 
     # activations, per token (see the module docstring)
     h, i, a, k, d, V = shape.hidden, shape.intermediate, shape.heads, shape.kv, shape.dim, shape.vocab
@@ -354,7 +366,8 @@ def estimate(
     def step(p):
         if subspace and p.targeted:
             (per_element, per_rank), r = STEP_TEMPORARIES[optimizer], min(rank, *p.shape)
-            return p.numel * per_element[e != 4] + per_rank * max(p.shape) * r
+            extra = CORRECTION_TEMPORARIES if correction != "none" else 0
+            return p.numel * (per_element[e != 4] + extra) + per_rank * max(p.shape) * r
         # 8-bit plain updates of a large tensor run in chunks (fp32 AdamW runs torch's fused kernel)
         n = min(p.numel, CHUNK_ELEMENTS) if eight_bit else p.numel
         return n * STEP_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][0][e != 4]
@@ -390,6 +403,8 @@ def estimate(
     label = optimizer + (f" rank {rank}" if subspace else "")
     if optimizer == "osd":
         label += f", basis optimizer {proj_optimizer}"
+    if correction != "none":
+        label += f", {correction} correction"
     if eight_bit and optimizer != "adamw8bit":
         label += ", 8-bit state"
     if per_layer:
@@ -405,6 +420,8 @@ def estimate(
         details["optimizer_state"] += [("subspace moments", moments), ("projection bases", bases)]
         if optimizer == "osd":
             details["optimizer_state"].append((f"basis optimizer ({proj_optimizer})", basis_opt))
+        if correction != "none":
+            details["optimizer_state"].append((f"{correction} correction norms", norms))
     details["activations"] = [
         ("decoder layers" + (" (layer inputs only)" if activation_checkpointing else ""), decoder),
         ("head: final norm, logits, log-softmax, ids", head + rope),
@@ -450,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eight_bit", action="store_true", help="8-bit optimizer moments")
     parser.add_argument("--per_layer", action="store_true", help="per-layer (in-backward) updates")
     parser.add_argument("--proj_optimizer", help=f"osd basis optimizer: {', '.join(PROJ_OPTIMIZERS)} (default adamw)")
+    parser.add_argument(
+        "--correction", default="none", help="galore/osd full-rank correction: " + ", ".join(CORRECTIONS)
+    )
     parser.add_argument("--dtype", default="bfloat16", help=", ".join(DTYPE_BYTES))
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -471,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 seq_len=args.seq_len,
                 activation_checkpointing=args.activation_checkpointing,
                 proj_optimizer=args.proj_optimizer,
+                correction=args.correction,
             )
     except ValueError as e:
         print(f"osd-memory: error: {e}", file=sys.stderr)
