@@ -521,15 +521,16 @@ def plots(summary, out: Path) -> None:
     colors.update({k: plt.cm.Dark2(i + 3) for i, k in enumerate(ablations)})
     model = Path(str(summary["protocol"]["model_config"])).name
     # a diverged row (final loss far above the best) would squash the others: clip the axis
-    best = min(r["eval_loss_mean"] for r in rows)
-    diverged = {id(r) for r in rows if r["eval_loss_mean"] > best + 1.0}
+    finite = [r["eval_loss_mean"] for r in rows if math.isfinite(r["eval_loss_mean"])]
+    best = min(finite) if finite else 0.0
+    diverged = {id(r) for r in rows if not r["eval_loss_mean"] <= best + 1.0}  # NaN included
     kept = [r for r in rows if id(r) not in diverged] or rows
-    top = max(y for r in kept for _, y in r["eval_curve"])
+    top = max((y for r in kept for _, y in r["eval_curve"] if math.isfinite(y)), default=best + 1.0)
 
     fig, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4.5), sharey=True, squeeze=False)
     for ax, rank in zip(axes[0], ranks, strict=True):
         for r in rows:
-            if r["rank"] not in (None, rank):
+            if r["rank"] not in (None, rank) or not r["eval_curve"]:  # a run that diverged at once has no curve
                 continue
             xs, ys = zip(*r["eval_curve"], strict=True)
             style = dict(ls="--" if r["ablation"] else "-", lw=2.4 if r["rank"] is None else 1.3)

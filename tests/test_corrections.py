@@ -227,3 +227,22 @@ def test_memory_estimate_counts_the_correction():
         osd.memory.estimate("llama_60m", optimizer="osd", rank=128, correction="lora")
     with pytest.raises(ValueError, match="a correction is for galore/osd subspace updates, not adamw"):
         osd.memory.estimate("llama_60m", optimizer="adamw", correction="fira")
+
+
+@pytest.mark.parametrize("correction", ["fira", "apollo"])
+def test_a_zero_learning_rate_step_is_no_step(correction):
+    """A warmup's first step has lr 0: the weights stay, nothing is NaN, and later steps train."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    start = w.detach().clone()
+    opt = osd.AdamW([{"params": [w], "rank": 4, "projector": "svd", "correction": correction}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: t / 3)
+    for t in range(4):
+        w.grad = torch.randn(64, 32)
+        opt.step()
+        sched.step()
+        if t == 0:
+            assert torch.equal(w.detach(), start)
+            assert "correction_norm" not in opt.state[w]
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), start)
+    assert torch.isfinite(opt.state[w]["correction_norm"])

@@ -64,7 +64,12 @@ def update(
     ``g``'s dtype, for the correction ``kind``; it replaces the plain ``scale * B delta``.
     ``g_projected`` is the projection of ``g``, ``r`` what the rule saw (the same unless
     accumulating), ``delta`` the rule's update of ``r`` and ``step_size`` its factor over the
-    normalised direction (``rule.step_size``). Creates or updates ``state[NORM_KEY]``."""
+    normalised direction (``rule.step_size``). Creates or updates ``state[NORM_KEY]``, but at
+    a step of learning rate 0, where the rule's update says nothing of its direction (the
+    references read the direction before the learning rate; the difference: the limiter's
+    first norm comes from the next step)."""
+    if step_size == 0:  # lr 0 (a warmup's first step): no update, and no ratio to take
+        return torch.zeros_like(g)
     if kind == "fira":
         dims, base = _ratio_dims(bases), g - project_back(g_projected.to(g.dtype), bases) * scale
     else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise
