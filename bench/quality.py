@@ -12,6 +12,10 @@ Methods (``--methods``; rank-``r`` rows for every ``--ranks`` value):
 * ``random``: random projection redrawn every T steps (``--proj_type random``);
 * ``apollo``, ``fira``: ``pytorch_optimizer.APOLLO`` (random projection, channel-wise
   scaling) and ``pytorch_optimizer.Fira`` (SVD projection + scaled full-rank residual);
+* our full-rank corrections (``--correction``, :mod:`osd.corrections`): ``galore_fira`` and
+  ``osd_fira`` (Fira's residual on the SVD / online-PCA projector), ``apollo_osd`` (APOLLO:
+  random projector, channel-wise scaled gradient) and ``osd_apollo`` (APOLLO's scaling on
+  online PCA);
 * ablations of ``osd_adamw``: ``osd_transport`` (``--transport``), ``osd_orth``
   (``--orth_reg 0.1 --proj_lr 5*lr``, the OSD paper's text) and ``osd_retract``
   (``--retract_every 10``).
