@@ -180,12 +180,12 @@ class Blockwise8bit(Storage):
             k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
             for k in quantized
         }
-        fused = _kernels(g, self.compile)[2]
+        kernel = _kernels(g, self.compile)[2]
         try:
             # without duck sizing, equal sizes (a scale count of 256, the map's 256) are not
             # tied together by guards, so one graph serves every stack shape
             with _no_duck_shapes():
-                delta = fused(rule, g.reshape(-1).detach(), flat, lr, step, self.block_size)
+                delta = kernel(rule, g.reshape(-1).detach(), flat, lr, step, self.block_size)
         except Exception as e:  # noqa: BLE001 - a compiler failure: fall back to eager
             _compile_failed(e)
             return rule.update(g.float(), state, lr, step, self)
