@@ -1,4 +1,4 @@
-"""Training quality per byte of optimizer state: every method on the C4 sample, same model,
+"""Training quality per byte of optimizer state: every method on the same data (the C4 sample by default), same model,
 seed, data order and token budget, through the trainer (``osd.train.run``).
 
 Methods (``--methods``; rank-``r`` rows for every ``--ranks`` value):
@@ -470,13 +470,33 @@ def _mib(n):
     return n / 2**20
 
 
+def data_name(path) -> str:
+    """A data file's name for titles and captions: the file name without its extensions
+    (``c4-sample-validation``, ``blogs-train``)."""
+    name = Path(str(path)).name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def data_names(summary) -> tuple[str, str]:
+    """(train, eval) data names of a summary (the shared C4 sample's for old summaries)."""
+    data = summary["protocol"].get("data", {})
+    return (
+        data_name(data.get("train", "c4-sample-train")),
+        data_name(data.get("eval", "c4-sample-validation")),
+    )
+
+
 def markdown(summary) -> str:
     p = summary["protocol"]
+    train_name, eval_name = data_names(summary)
     out = [
         f"Preset `{p['preset']}`: {p['model_config']}, seq {p['max_length']}, batch {p['batch_size']}, "
         f"{p['num_training_steps']} steps ({p['tokens']:,} non-pad training tokens), seeds "
         f"{', '.join(map(str, p['seeds']))}, lr {'chosen from a grid of 3 per method' if p['lr_grid'] else 'one per method (literature), no grid'}. "
-        "Eval loss: token-weighted mean on the C4 validation sample; +- is half the min-max range over seeds. "
+        f"Data: {train_name} (training), {eval_name} (evaluation). "
+        f"Eval loss: token-weighted mean on {eval_name}; +- is half the min-max range over seeds. "
         "State, matrices: optimizer state of the attention and MLP weights (what the subspace methods project); "
         "state, all: everything, including the embeddings and output head, which dominate at this size. "
         "Step time: median wall time per step divided by AdamW's, same seed, same invocation"
@@ -546,7 +566,9 @@ def plots(summary, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("eval loss (mean over seeds)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"C4 sample, {model}, preset {summary['protocol']['preset']}")
+    fig.suptitle(
+        f"{data_names(summary)[0]} -> {data_names(summary)[1]}, {model}, preset {summary['protocol']['preset']}"
+    )
     fig.tight_layout()
     fig.savefig(out / "eval_loss.png", dpi=100)
     plt.close(fig)
@@ -590,7 +612,9 @@ def plots(summary, out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("optimizer state of the attention/MLP matrices (MiB, log scale)")
     ax.set_ylabel("final eval loss (mean, bars: half range over seeds)")
-    ax.set_title(f"final eval loss vs optimizer state ({model}, preset {summary['protocol']['preset']})")
+    ax.set_title(
+        f"final eval loss on {data_names(summary)[1]} vs optimizer state ({model}, preset {summary['protocol']['preset']})"
+    )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=100)

@@ -62,6 +62,10 @@ def test_quality_bench_writes_results_and_reuses_runs(quality, tmp_path, capsys)
     assert rows["adamw"]["matrix_state_bytes"] < rows["adamw"]["state_bytes"]  # embeddings and head excluded
     assert len(summary["runs"]) == 2 and summary["winners"]
     assert "| GaLore (galore-torch) | 8 |" in (out / "results.md").read_text()
+    # titles and captions name the data actually used, not the default C4 sample
+    names = (quality.data_name(fx["train"]), quality.data_name(fx["eval"]))
+    assert f"Data: {names[0]} (training), {names[1]} (evaluation)." in (out / "results.md").read_text()
+    assert "C4" not in (out / "results.md").read_text()
     assert (out / "eval_loss.png").stat().st_size > 0 and (out / "pareto.png").stat().st_size > 0
 
     # a second invocation reuses the finished runs instead of training again
@@ -98,3 +102,9 @@ def test_a_run_the_trainer_stopped_for_divergence_counts_as_nan(quality, tmp_pat
     metrics.write_text(json.dumps(lines[2]) + "\n")  # stopped at step 1
     summary = quality.summarize_metrics(metrics, diverged=True)
     assert summary["tokens"] == 0 and summary["step_time_s"] != summary["step_time_s"]
+
+
+def test_data_names_strip_the_extensions(quality):
+    assert quality.data_name("../shared/data/blogs/blogs-validation.jsonl.gz") == "blogs-validation"
+    assert quality.data_name("c4-sample-train.json.gz") == "c4-sample-train"
+    assert quality.data_names({"protocol": {}}) == ("c4-sample-train", "c4-sample-validation")
