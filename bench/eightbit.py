@@ -166,7 +166,6 @@ def main(argv=None):
     try:
         import bitsandbytes as bnb
 
-        w = param()
         opt = bnb.optim.AdamW8bit(stack, lr=1e-3, weight_decay=0.0, min_8bit_size=4096)
         rows.append((f"bitsandbytes {bnb.__version__} AdamW8bit", timed(opt.step, device, args.repeats), ""))
     except Exception as e:  # noqa: BLE001 - not installed, or no kernels for this device

@@ -15,6 +15,7 @@ the seed's ``torch.optim.Adam`` couples it, identical at the recipes' weight dec
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,6 +153,23 @@ EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, before anything is written."""
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """Every flag of ``ranges`` (flag -> (lowest, lowest allowed?, highest, highest
+    allowed?); highest None: unbounded) finite and in its range when set (raises UsageError
+    naming it)."""
+    for key, (low, low_ok, high, high_ok) in ranges.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UsageError(f"--{key} must be a finite number, got {value}")
+        below = value < low or (value == low and not low_ok)
+        above = high is not None and (value > high or (value == high and not high_ok))
+        if below or above:
+            bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
+            raise UsageError(f"--{key} must be in {bounds}, got {value}")
 
 
 class Diverged(Exception):

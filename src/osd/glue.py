@@ -222,19 +222,7 @@ def resolve(argv) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise UsageError(f"--{key} must be positive, got {value}")
-    for key, (low, low_ok, high, high_ok) in RANGES.items():
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise UsageError(f"--{key} must be a finite number, got {value}")
-        if (
-            value < low
-            or (value == low and not low_ok)
-            or (high is not None and (value > high or (value == high and not high_ok)))
-        ):
-            bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
-            raise UsageError(f"--{key} must be in {bounds}, got {value}")
+    cli_options.check_ranges(args, RANGES)
     args.target_modules = tuple(t for t in args.target_modules.split(",") if t.strip())
     if not args.target_modules:
         raise UsageError("--target_modules is empty")

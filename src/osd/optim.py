@@ -319,17 +319,20 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         decay = lr * group.get("weight_decay", 0.0)
         scale = group["scale"]
         correction = group.get("correction", "none")
-        if correction != "none":  # a full-space term: the update is m x n anyway
+        # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W
+        if correction != "none":  # a full-space update (scale included): m x n anyway
             step_size = rule.step_size(lr, step + 1)
             update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st)
             engine.add_new_state(states, st)
             scale = 1.0
+            if decay:
+                update.mul_(-1 / decay)
         elif decay:  # scale the small r x k update instead of the m x n one
             update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
         else:
             update = projectors.project_back(delta.to(g.dtype), bases)
-        if decay:  # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W
-            engine.lerp(params, update if correction == "none" else update.mul_(-scale / decay), decay)
+        if decay:
+            engine.lerp(params, update, decay)
         else:
             engine.apply(params, update, lr, 0.0, alpha=-scale)
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}

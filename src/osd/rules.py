@@ -86,17 +86,19 @@ class Adam:
         return (m / denom).mul_(lr / bias_correction1)
 
 
+class _LrStepSize:
+    def step_size(self, lr, step):
+        """The factor between the update and its normalised direction: the learning rate."""
+        return lr
+
+
 @dataclass(frozen=True)
-class Lion:
+class Lion(_LrStepSize):
     """Lion (Chen et al. 2023): ``sign(beta1 m + (1 - beta1) g)``, then ``m <- lerp(m, g, 1 - beta2)``."""
 
     betas: tuple[float, float] = (0.9, 0.99)
     moments = (("exp_avg",), ())
     elementwise = True
-
-    def step_size(self, lr, step):
-        """The factor between the update and its normalised direction: the learning rate."""
-        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
@@ -111,7 +113,7 @@ class Lion:
 
 
 @dataclass(frozen=True)
-class Adafactor:
+class Adafactor(_LrStepSize):
     """Adafactor as in ``transformers.optimization.Adafactor`` with ``relative_step=False``,
     ``scale_parameter=False``, ``warmup_init=False``: factored second moment for matrices,
     update RMS clipped to ``clip_threshold``, optional first moment on the lr-scaled update.
@@ -126,10 +128,6 @@ class Adafactor:
     clip_threshold: float = 1.0
     moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
     elementwise = False  # factored moments and update clipping reduce over each tensor
-
-    def step_size(self, lr, step):
-        """The factor between the update and its normalised direction: the learning rate."""
-        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         shape = tuple(shape)
@@ -169,15 +167,11 @@ class Adafactor:
 
 
 @dataclass(frozen=True)
-class SGD:
+class SGD(_LrStepSize):
     """Plain gradient descent, no state (the online-PCA reference's ``continuous_sgd``)."""
 
     moments = ((), ())
     elementwise = True
-
-    def step_size(self, lr, step):
-        """The factor between the update and its normalised direction: the learning rate."""
-        return lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}

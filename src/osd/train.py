@@ -301,17 +301,7 @@ RANGES = {
 
 def check_numbers(args) -> None:
     """Every numeric flag finite and in its range (raises UsageError naming it)."""
-    for key, (low, low_ok, high, high_ok) in RANGES.items():
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise UsageError(f"--{key} must be a finite number, got {value}")
-        below = value < low or (value == low and not low_ok)
-        above = high is not None and (value > high or (value == high and not high_ok))
-        if below or above:
-            bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
-            raise UsageError(f"--{key} must be in {bounds}, got {value}")
+    cli_options.check_ranges(args, RANGES)
 
 
 def training_flags(args) -> dict:
