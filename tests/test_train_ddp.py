@@ -12,15 +12,13 @@ per-layer optimizers refused.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from launcher import env, free_ports, launch
 from train_fixtures import base_args, make_fixture, read_metrics, without_timing
 
 from osd import train
@@ -52,27 +50,6 @@ def fx(tmp_path_factory):
     return make_fixture(tmp_path_factory.mktemp("train_fixture"))
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def env(**extra) -> dict:
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def ddp(fx, tmp_path_factory):
     """Run every job of RUNS, then a resume of "continuous" from its step-4 checkpoint, in
@@ -88,41 +65,9 @@ def ddp(fx, tmp_path_factory):
         for (name, argv), port in zip(argvs.items(), free_ports(len(argvs)), strict=True)
     ]
     (root / "jobs.json").write_text(json.dumps(jobs))
-    procs, logs = [], []
-    for rank in range(WORLD):
-        logs.append(log := open(root / f"rank{rank}.log", "w"))  # noqa: SIM115
-        rank_env = env(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-        )
-        cmd = [sys.executable, str(WORKER), str(root / "jobs.json")]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=rank_env))
-    try:
-        codes = wait_all(procs, timeout=300)
-    finally:
-        for log in logs:
-            log.close()
-    tails = {rank: (root / f"rank{rank}.log").read_text()[-3000:] for rank in range(WORLD)}
-    assert codes == [0] * WORLD, tails
+    # each job sets its own MASTER_PORT
+    launch(WORKER, [str(root / "jobs.json")], WORLD, root, timeout=300)
     return dirs
-
-
-def wait_all(procs, timeout: float) -> list[int]:
-    """Exit codes of all processes; a rank that fails leaves the others waiting in a
-    collective, so they are killed 10 s after the first failure (or at the timeout)."""
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.poll() for p in procs):  # a non-zero exit code
-            deadline = min(deadline, time.monotonic() + 10)
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return [p.returncode for p in procs]
 
 
 def single(fx, tmp_path, name) -> Path:

@@ -27,7 +27,9 @@ by the group option ``correction``:
 
 All keep one fp32 number per matrix of state (the limited norm of the previous step).
 
-Every function takes stacks (leading dimension k) and reads nothing on the host.
+Every function takes stacks (leading dimension k) and reads nothing on the host. Under
+FSDP2's row shards a norm over the rows of a row-sharded tensor (the gradient, the term;
+R and D when only the right side is projected) sums its squares over the ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from osd.projectors import COLS, CORRECTIONS, ROWS, project_back
+from osd.shards import WHOLE, Whole
 
 __all__ = ["CORRECTIONS", "update"]
 LIMIT = 1.01  # Fira's norm-growth limit per step
@@ -59,6 +62,7 @@ def update(
     bases: dict,
     scale: float,
     state: dict,
+    shard: Whole = WHOLE,
 ) -> torch.Tensor:
     """The full-space update of a stack (``W <- W - update``, before weight decay), in
     ``g``'s dtype, for the correction ``kind``; it replaces the plain ``scale * B delta``.
@@ -74,18 +78,27 @@ def update(
         dims, base = _ratio_dims(bases), g - project_back(g_projected.to(g.dtype), bases) * scale
     else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise
         dims, base = (_ratio_dims(bases) if kind == "apollo" else (-2, -1)), g
-    normalised = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / step_size
-    phi = normalised / (torch.linalg.vector_norm(r.float(), dim=dims, keepdim=True) + 1e-8)
-    term = _limited(base.float() * phi, state).mul_(step_size)  # never in place: base may be G itself
+    r_sharded = shard.sharded and ROWS not in bases  # R is m_i x r: this rank's rows
+    normalised = _norm(delta, dims, r_sharded, shard) / step_size
+    phi = normalised / (_norm(r.float(), dims, r_sharded, shard) + 1e-8)
+    term = _limited(base.float() * phi, state, shard).mul_(step_size)  # never in place: base may be G itself
     if kind == "fira":
         return project_back(delta.to(g.dtype), bases).mul_(scale).add_(term.to(g.dtype))
     return term.mul_(scale).to(g.dtype)
 
 
-def _limited(term: torch.Tensor, state: dict) -> torch.Tensor:
+def _norm(t: torch.Tensor, dims: tuple[int, ...], rows_sharded: bool, shard: Whole) -> torch.Tensor:
+    """The norm over ``dims`` (keepdim), summed over the ranks when it covers the rows of a
+    row-sharded ``t``."""
+    if not (rows_sharded and -2 in dims):
+        return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
+    return shard.sum(torch.linalg.vector_norm(t, dim=dims, keepdim=True).square()).sqrt()
+
+
+def _limited(term: torch.Tensor, state: dict, shard: Whole = WHOLE) -> torch.Tensor:
     """Fira's norm-growth limiter: each matrix's ``term`` divided so that its norm grows at
     most ``LIMIT`` times per step; the limited norm is kept in ``state[NORM_KEY]``."""
-    norm = torch.linalg.vector_norm(term, dim=(-2, -1))
+    norm = _norm(term, (-2, -1), shard.sharded, shard).view(-1)
     if NORM_KEY in state:
         limiter = (norm / (state[NORM_KEY] + 1e-8)).clamp_(min=LIMIT) / LIMIT
         term.div_(limiter.view(-1, 1, 1))

@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from osd import corrections, engine, hf, projectors, storage
+from osd import corrections, engine, hf, projectors, shards, storage
 from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
 from osd.rules import Adam, Rule
@@ -124,10 +124,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             stacks += self.stacks(params)
         first = [s for s in stacks if self._first_basis_from_gradient(s)]
         if first:  # the first step of a subspace group only: one host read
-            self._check_finite(
-                [p for s in first for p in s],
-                [torch.stack([torch.isfinite(p.grad).all() for p in s]) for s in first],
-            )
+            flags = []
+            for s in first:
+                shard = shards.layout(s)
+                flags.append(shard.all_true(torch.stack([torch.isfinite(g).all() for g in shard.local(_grads(s))])))
+            self._check_finite([p for s in first for p in s], flags)
         for stack in stacks:
             self.update(stack, [p.grad for p in stack])
         return loss
@@ -244,6 +245,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def update(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """One optimizer step of a stack (see :meth:`stacks`) from its gradients."""
         group = self._stack_group(params)
+        self._check_layout(params, group)
         if "rank" not in group:
             self._plain_update(params, grads, group)
             return
@@ -252,11 +254,24 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         r = self.project(params, g)
         self.finish(params, r, g, r)
 
+    def _check_layout(self, params, group) -> None:
+        """Refuse what row shards (FSDP2) cannot run: a rule or correction that reduces
+        over whole matrices in ways :mod:`osd.shards` does not provide."""
+        if not shards.layout(params).sharded:
+            return
+        if not self.rule(group).elementwise:
+            raise ValueError(
+                f"{type(self).__name__}'s rule reduces over each whole tensor (factored second moment, update "
+                "clipping), which is not implemented for FSDP2-sharded parameters; use AdamW, AdamW8bit, Lion or SGD"
+            )
+
     def gradients(self, params, grads) -> torch.Tensor:
-        """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype."""
+        """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype
+        (``k x m_i x n``, this rank's rows, for FSDP2-sharded parameters)."""
         group = self._stack_group(params)
+        grads = shards.layout(params).local(grads)
         dtype = projectors.proj_dtype(group, grads[0].dtype)
-        return engine.stack_grads(grads, _matrix_shape(params[0]), dtype)
+        return engine.stack_grads(grads, _matrix_shape(grads[0]), dtype)
 
     @torch.no_grad()
     def refresh(self, params, g: torch.Tensor) -> None:
@@ -271,13 +286,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             s.setdefault("step", step)
         if not projector.refreshes(step):
             return
-        m, n = g.shape[-2:]
+        shard = shards.layout(params)
+        m, n = _matrix_shape(params[0])
         sides = projectors.resolve_sides(group["side"], m, n)
         rank = projectors.effective_rank(group["rank"], m, n, sides)
         st = engine.stack_state(states)
         finite = None  # the matrices that may take a new basis, when some may not
         if projector.from_gradient:
-            flags = torch.isfinite(g).flatten(1).all(1)
+            flags = shard.all_true(torch.isfinite(g).flatten(1).all(1))
             # a refresh may synchronise: in the usual all-finite case nothing more is done
             if flags.device.type != "meta" and not bool(flags.all()):
                 if step == 0:  # no basis to keep: refuse
@@ -285,19 +301,20 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 finite, g = flags, torch.where(flags.view(-1, 1, 1), g, 0)
         keep_old = step > 0 and (group["transport"] or finite is not None)
         old = {k: st[k].clone() for k in _bases(st)} if keep_old else {}
-        projector.refresh(g, st, step, rank, sides, self._seeds(params))
+        projector.refresh(g, st, step, rank, sides, self._seeds(params), shard)
         engine.add_new_state(states, st)
         if finite is not None:  # a matrix with a non-finite gradient keeps its basis
             for k, before in old.items():
                 torch.where(finite.view(-1, 1, 1), st[k], before, out=st[k])
             self._count_skips(~finite)
         if old and group["transport"]:
-            projectors.transport(st, old, self.rule(group).moments, self.storage)
+            projectors.transport(st, old, self.rule(group).moments, self.storage, shard)
 
     @torch.no_grad()
     def project(self, params, g: torch.Tensor) -> torch.Tensor:
         """The gradients ``g`` (k x m x n) projected with the stack's current bases."""
-        return projectors.project(g, _bases(engine.stack_state([self.state[p] for p in params])))
+        bases = _bases(engine.stack_state([self.state[p] for p in params]))
+        return projectors.project(g, bases, shards.layout(params))
 
     @torch.no_grad()
     def finish(self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor) -> None:
@@ -307,6 +324,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         group = self._stack_group(params)
         rule, projector = self.rule(group), projectors.from_group(group)
         states = [self.state[p] for p in params]
+        shard = shards.layout(params)
+        params = shard.local(params)
         step = states[0]["step"]
         st = engine.stack_state(states)
         r = r.float()
@@ -322,7 +341,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W
         if correction != "none":  # a full-space update (scale included): m x n anyway
             step_size = rule.step_size(lr, step + 1)
-            update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st)
+            update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st, shard)
             engine.add_new_state(states, st)
             scale = 1.0
             if decay:
@@ -336,11 +355,11 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         else:
             engine.apply(params, update, lr, 0.0, alpha=-scale)
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
-        skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"])
+        skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
         if skipped is not None:
             self._count_skips(skipped)
             if old:
-                projectors.transport(st, old, rule.moments, self.storage)
+                projectors.transport(st, old, rule.moments, self.storage, shard)
         for s in states:
             s["step"] = step + 1
 
@@ -378,6 +397,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _plain_update(self, params, grads, group):
         rule = self.rule(group)
         states = [self.state[p] for p in params]
+        shard = shards.layout(params)  # elementwise rules: a shard is updated as a tensor
+        params, grads = shard.local(params), shard.local(grads)
         step = states[0].setdefault("step", 0)
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
         if self._fused_plain(group, params[0].dtype):
@@ -505,7 +526,11 @@ def _bases(state):
 
 def _matrix_shape(p) -> tuple[int, int]:
     """The m x n matrix the projectors see for a parameter (rows x the rest)."""
-    return (p.shape[0], p[0].numel())
+    return (p.shape[0], p.shape[1:].numel())
+
+
+def _grads(params) -> list:
+    return [p.grad for p in params]
 
 
 class AdamW(SubspaceOptimizer):

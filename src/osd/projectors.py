@@ -48,6 +48,7 @@ import torch
 
 from osd.engine import put
 from osd.rules import SGD, Adafactor, Adam, Lion, Rule
+from osd.shards import WHOLE, Whole
 from osd.storage import EIGHT_BIT, FP32, Storage
 
 SIDES = ("auto", "reverse_auto", "left", "right", "both")
@@ -63,13 +64,16 @@ def resolve_sides(side: str, m: int, n: int) -> tuple[bool, bool]:
     return (side in ("left", "both"), side in ("right", "both"))
 
 
-def project(g: torch.Tensor, bases: dict) -> torch.Tensor:
+def project(g: torch.Tensor, bases: dict, shard: Whole = WHOLE) -> torch.Tensor:
     """Project a (stack of) gradient(s): ``B_r^T G``, ``G B_c`` or ``B_r^T G B_c``. Bases are
-    cast to ``g``'s dtype (the projection precision)."""
+    cast to ``g``'s dtype (the projection precision). Row shards (``shard``) sum ``B_r^T G``
+    over the ranks (after the right product when both sides: r x r)."""
     if ROWS in bases:
         g = bases[ROWS].to(g.dtype).mT @ g
     if COLS in bases:
         g = g @ bases[COLS].to(g.dtype)
+    if ROWS in bases:
+        g = shard.sum(g)
     return g
 
 
@@ -117,17 +121,19 @@ def _randomized_svd(g: torch.Tensor, rank: int):
     return y @ ub, s, vh
 
 
-def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str = "exact") -> dict:
+def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str = "exact", shard: Whole = WHOLE) -> dict:
     """Top-``rank`` singular vectors of every matrix of the stack ``g`` (fp32): an exact SVD,
-    or ``method="randomized"`` (:func:`_randomized_svd`: O(mnr) instead of O(mn min(m,n)))."""
-    g = g.float()
+    or ``method="randomized"`` (:func:`_randomized_svd`: O(mnr) instead of O(mn min(m,n))).
+    Row shards gather ``g`` (every rank computes the same SVD) and keep their rows of the
+    left basis."""
+    g = shard.gather(g).float()
     if method == "randomized" and rank + OVERSAMPLE < min(g.shape[-2:]):
         u, _, vh = _randomized_svd(g, rank)
     else:
         u, _, vh = _svd(g)
     bases = {}
     if rows:
-        bases[ROWS] = u[..., :rank].float().contiguous()
+        bases[ROWS] = shard.rows(u[..., :rank].float())
     if cols:
         bases[COLS] = vh[..., :rank, :].mT.float().contiguous()
     return bases
@@ -144,11 +150,11 @@ class SVD:
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
 
-    def refresh(self, g, state, step, rank, sides, seeds):
-        for key, basis in _svd_bases(g, rank, *sides, self.svd).items():
+    def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
+        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard).items():
             put(state, key, basis)
 
-    def after_update(self, g, projected, state, step, lr_ratio):
+    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
         return None
 
 
@@ -163,19 +169,21 @@ class Random:
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
 
-    def refresh(self, g, state, step, rank, sides, seeds):
+    def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
         draws = {ROWS: [], COLS: []}
         for seed in seeds:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            for key, on, dim in ((ROWS, sides[0], g.shape[-2]), (COLS, sides[1], g.shape[-1])):
+            for key, on, dim in ((ROWS, sides[0], shard.num_rows(g)), (COLS, sides[1], g.shape[-1])):
                 if on:
                     draws[key].append(torch.randn(dim, rank, generator=gen))
         for key, gaussians in draws.items():
             if gaussians:
                 q, _ = torch.linalg.qr(torch.stack(gaussians))
-                put(state, key, q.to(g.device))
+                # contiguous (QR returns column-major Q): the same layout as after a reload, so
+                # a resumed run multiplies bit for bit as the uninterrupted one
+                put(state, key, (shard.rows(q) if key == ROWS else q.contiguous()).to(g.device))
 
-    def after_update(self, g, projected, state, step, lr_ratio):
+    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
         return None
 
 
@@ -191,19 +199,43 @@ PROJ_OPTIMIZERS: dict[str, tuple[Rule, Storage, float]] = {
 }
 
 
-def pca_grad(basis: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None = None, orth_reg: float = 0.0, x_scale=1.0):
+def pca_grad(
+    basis: torch.Tensor,
+    x: torch.Tensor,
+    c: torch.Tensor | None = None,
+    orth_reg: float = 0.0,
+    x_scale=1.0,
+    shard: Whole = WHOLE,
+    rows_sharded: bool = False,
+):
     """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B,
     for ``X = x_scale * x`` (so a normalised gradient needs no m x n copy), for a matrix or
     a stack (``x_scale`` a number or one per matrix, shaped ``k x 1 x 1``). ``c`` may pass
     in ``B^T X`` when the caller already has it. The two products with ``x`` run in
-    ``x``'s dtype (the projection precision), the rest in the basis's (fp32)."""
+    ``x``'s dtype (the projection precision), the rest in the basis's (fp32).
+
+    Row shards (``shard``): with ``rows_sharded`` the basis and ``x`` hold this rank's rows
+    (a left basis), and ``B^T X`` and ``B^T B`` are sums over the ranks; otherwise ``x``
+    holds this rank's columns (``x = G^T``, a right basis, replicated), and ``C C^T`` and
+    ``X C^T`` are."""
     if c is None:
-        c = (basis.to(x.dtype).mT @ x).to(basis.dtype).mul_(x_scale)
-    y = (x @ c.to(x.dtype).mT).to(basis.dtype).mul_(x_scale)  # X C^T
+        c = (basis.to(x.dtype).mT @ x).to(basis.dtype)
+        if rows_sharded:
+            c = shard.sum(c)
+        c = c.mul_(x_scale)
+    y = (x @ c.to(x.dtype).mT).to(basis.dtype)  # X C^T
+    if not rows_sharded:
+        y = shard.sum(y)
+    y = y.mul_(x_scale)
     gram = basis.mT @ basis
+    cct = c @ c.mT
+    if rows_sharded:
+        gram = shard.sum(gram)
+    else:
+        cct = shard.sum(cct)
     gram.diagonal(dim1=-2, dim2=-1).sub_(2)
     # 2 (B C C^T + X C^T (B^T B - 2 I))
-    grad = torch.baddbmm(basis @ (c @ c.mT), y, gram) if basis.dim() == 3 else (basis @ (c @ c.mT)).addmm_(y, gram)
+    grad = torch.baddbmm(basis @ cct, y, gram) if basis.dim() == 3 else (basis @ cct).addmm_(y, gram)
     grad.mul_(2)
     if orth_reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(1)
@@ -236,22 +268,24 @@ class OnlinePCA:
     def refreshes(self, step: int) -> bool:
         return step == 0
 
-    def refresh(self, g, state, step, rank, sides, seeds):
-        for key, basis in _svd_bases(g, rank, *sides, self.svd).items():
+    def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
+        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard).items():
             put(state, key, basis)
             for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
                 state[f"{key}.{name}"] = t
 
-    def after_update(self, g, projected, state, step, lr_ratio):
+    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
         """One step on P for every matrix of the stack. Returns None when the bases did not
         move, else a (k,) bool tensor: the matrices that skipped their step."""
         if step == 0:  # the reference takes no P step at initialisation
             return None
         with _tf32_if_low_precision(g):
-            return self._step(g, projected, state, step, lr_ratio)
+            return self._step(g, projected, state, step, lr_ratio, shard)
 
-    def _step(self, g, projected, state, step, lr_ratio):
+    def _step(self, g, projected, state, step, lr_ratio, shard):
         norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float32)
+        if shard.sharded:
+            norm = shard.sum(norm.square()).sqrt()
         keep = ~(torch.isfinite(norm) & (norm > 0))  # skip this matrix's P step
         inv_norm = torch.where(keep, 0.0, norm.reciprocal()).view(-1, 1, 1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
@@ -263,14 +297,14 @@ class OnlinePCA:
             c = None
             if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
                 c = (projected if key == ROWS else projected.mT).float().mul_(inv_norm)
-            grad = pca_grad(basis, x, c, self.orth_reg, x_scale=inv_norm)
+            grad = pca_grad(basis, x, c, self.orth_reg, inv_norm, shard, rows_sharded=key == ROWS)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             saved = {k: v.clone() for k, v in sub.items() if torch.is_tensor(v)}
             new = basis * (1 - lr * self.weight_decay) if self.weight_decay else basis
             new = new - self.storage.update(self.rule, grad, sub, lr, step)
             if self.retract_every and step % self.retract_every == 0:
-                new = _orthonormalize(new)
+                new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
             for k, old in saved.items():
                 torch.where(keep.view((-1,) + (1,) * (old.dim() - 1)), old, sub[k], out=sub[k])
             torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
@@ -334,7 +368,7 @@ def check_group(group: dict, names: list[str]) -> None:
                 f"parameter {name} has shape {tuple(p.shape)}: a subspace group (one with 'rank') "
                 "takes matrices only; put vectors and scalars in a plain group (see osd.param_groups)"
             )
-        m, n = p.shape[0], p[0].numel()
+        m, n = p.shape[0], p.shape[1:].numel()
         rows, cols = resolve_sides(group["side"], m, n)
         dims = [d for d, on in ((m, rows), (n, cols)) if on]
         if rank >= min(dims):
@@ -398,7 +432,7 @@ def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
     return q * torch.sign(torch.sign(r.diagonal(dim1=-2, dim2=-1)) + 0.5).unsqueeze(-2)
 
 
-def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
+def transport(state: dict, old: dict, moments: tuple, storage: Storage, shard: Whole = WHOLE) -> None:
     """Carry subspace moments from the bases in ``old`` to the current ones (a matrix or a
     stack).
 
@@ -411,8 +445,11 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage) -> None:
     and, applied at every online-PCA step, inflated ``M / sqrt(V)`` until training diverged
     (bench/quality.py, llama_9m). Without transport (GaLore, the OSD reference) the old
     coordinates are reused as if they were coordinates in the new basis. Bases in ``old``
-    that are the current tensors themselves did not move."""
+    that are the current tensors themselves did not move. Row shards sum ``Q`` of a left
+    basis over the ranks."""
     rotations = {k: state[k].mT @ b for k, b in old.items() if state[k] is not b}
+    if ROWS in rotations:
+        rotations[ROWS] = shard.sum(rotations[ROWS])
     if not rotations:
         return
     first, second = moments
