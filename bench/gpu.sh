@@ -3,9 +3,10 @@
 # 150 s, throughput 360 s, step 90 s, svd 60 s, eightbit 120 s): the CUDA tests,
 # bench/throughput.py (tokens/s against torch AdamW(fused=True) at llama_60m/350m/1b, with a
 # torch.profiler summary), bench/step.py on CUDA (the optimizer step alone, 60m),
-# bench/svd.py (exact against randomized SVD) and bench/eightbit.py (8-bit update backends).
+# bench/svd.py (exact against randomized SVD), bench/eightbit.py (8-bit update backends) and
+# bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]).
 # One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
-# (560 s on 2026-11-26) and STAGES="svd eightbit". The throughput rows are written after each
+# (560 s on 2026-11-26) and STAGES="svd eightbit fsdp". The throughput rows are written after each
 # row, so a timeout keeps what finished; rerun the rest with bench/throughput.py --sizes
 # llama_1b. Everything it writes lies under $OUT (default bench/out/gpu):
 #   tests.log, step/step.md, step/step.png, throughput/throughput.json, throughput/throughput.md,
@@ -51,8 +52,8 @@ stage() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/summary.md"; }
 stage "environment"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$OUT/summary.md"
 
-# STAGES (default "tests throughput step svd eightbit") picks the parts to run, e.g. STAGES="tests step"
-STAGES=${STAGES:-tests throughput step svd eightbit}
+# STAGES (default "tests throughput step svd eightbit fsdp") picks the parts to run, e.g. STAGES="tests step"
+STAGES=${STAGES:-tests throughput step svd eightbit fsdp}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 has tests && stage "CUDA tests (tests/test_cuda.py, CUDA peak-memory tests)"
@@ -88,6 +89,14 @@ fi
 if has svd && [ $DRY = 0 ]; then  # (its sizes take minutes on a CPU)
   stage "bench/svd.py --device cuda"
   timeout 60 $PY bench/svd.py --device cuda 2>&1 | tail -n 4 | tee -a "$OUT/summary.md"
+fi
+
+# FSDP2 at world size 1 against the same model unsharded ([3/5]: the target is within 5%)
+if has fsdp && [ $DRY = 0 ]; then
+  FSDP_ARGS=(--device cuda --worlds 1 --unsharded --model llama_350m --dtype bfloat16 --batch 8 --seq 256 --rank 256 --steps 10 --methods torch-adamw,osd-online_pca)
+  stage "bench/distributed.py ${FSDP_ARGS[*]}"
+  # its table goes to summary.md only (the device tool brings back at most 8 files)
+  timeout 180 $PY bench/distributed.py "${FSDP_ARGS[@]}" --out "$(mktemp -d)" 2>&1 | grep "^|" | tee -a "$OUT/summary.md"
 fi
 
 stage "done"

@@ -21,9 +21,11 @@ per case:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import osd
+from osd import dcp
 
 STEPS = 6
 SAVE_AT = 3
@@ -57,6 +60,11 @@ CASES = {
     "online_pca-apollo": (osd.AdamW, dict(projector="online_pca", correction="apollo")),
     "random-apollo_mini": (osd.AdamW, dict(projector="random", correction="apollo_mini")),
     "svd-proj_adam8bit": (osd.AdamW8bit, dict(projector="online_pca", proj_optimizer="adam8bit")),
+    # osd.Layerwise: each shard updated in the hook FSDP2 calls after its reduce-scatter,
+    # accumulating 2 micro-batches (per-parameter clipping: norms over all ranks)
+    "online_pca-layerwise": (osd.AdamW, dict(projector="online_pca", layerwise=2)),
+    "online_pca-adamw8bit-layerwise": (osd.AdamW8bit, dict(projector="online_pca", layerwise=2)),
+    "random-lion-layerwise": (osd.Lion, dict(projector="random", layerwise=2)),
 }
 
 
@@ -91,6 +99,8 @@ def batch(step: int):
 
 
 def build(cls, options, fsdp: bool):
+    options = dict(options)
+    accumulation = options.pop("layerwise", 0)
     torch.manual_seed(0)
     model = Net()
     if fsdp:
@@ -106,16 +116,23 @@ def build(cls, options, fsdp: bool):
         {"params": [model.head.weight], "rank": 8, "update_gap": 2, "proj_lr": 5e-3} | options,
         {"params": [model.tiny.weight], "rank": 2, "update_gap": 2, "proj_lr": 5e-3} | options,
     ]
-    return model, cls(groups, **kwargs)
+    optimizer = cls(groups, **kwargs)
+    if accumulation:
+        return model, osd.Layerwise(optimizer, accumulation_steps=accumulation, max_grad_norm=0.05)
+    return model, optimizer
 
 
-def train(model, optimizer, steps, rank=0, world=1, parts=1):
-    """Steps on this rank's ``1 / world`` of each batch, in ``parts`` accumulated pieces."""
+def train(model, optimizer, steps, rank=0, world=1, parts=1, ranks=None):
+    """Steps on this rank's ``1 / world`` of each batch, in ``parts`` accumulated pieces;
+    with ``ranks``, one process plays that many ranks: its micro-batch j is every rank's j-th
+    piece (what FSDP2 sums in the j-th reduce-scatter)."""
     for step in steps:
         tokens, target = batch(step)
-        for i in range(rank * parts, (rank + 1) * parts):
-            part = slice(i * BATCH // (world * parts), (i + 1) * BATCH // (world * parts))
-            loss = nn.functional.mse_loss(model(tokens[part]), target[part]) / parts
+        size = BATCH // (world * parts) if ranks is None else BATCH // (ranks * parts)
+        for j in range(parts):
+            owners = [rank] if ranks is None else range(ranks)
+            index = torch.cat([torch.arange(size) + (r * parts + j) * size for r in owners])
+            loss = nn.functional.mse_loss(model(tokens[index]), target[index]) / parts
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -189,25 +206,39 @@ def differences(a: dict, b: dict) -> list[str]:
     return out
 
 
-def run_case(cls, options, rank, world) -> dict:
+def gathered(model, opt) -> dict:
+    """Every weight and optimizer state entry as one whole tensor (or Python value), from
+    the checkpoint state dict; 8-bit entries of sharded parameters (rank-own) left out."""
+    out = {}
+    for key, value in dcp.state_dict(model, opt).items():
+        if dcp.OWN in key:
+            continue
+        out[key] = full(value).clone() if torch.is_tensor(value) else value
+    return out
+
+
+def run_case(cls, options, rank, world, root: Path) -> dict:
+    parts = options.get("layerwise", 1)
     ref_model, ref_opt = build(cls, options, fsdp=False)
-    train(ref_model, ref_opt, range(STEPS))
-    # the rounding noise of this case: one process, the batch in ``world`` accumulated pieces
-    noise_model, noise_opt = build(cls, options, fsdp=False)
-    train(noise_model, noise_opt, range(STEPS), parts=world)
-    noise_weight = max(relative(p, q) for p, q in zip(noise_model.parameters(), ref_model.parameters(), strict=True))
-    noise_state = compare_state(noise_opt, ref_opt, noise_model, ref_model)[0]
+    train(ref_model, ref_opt, range(STEPS), parts=parts, ranks=world if parts > 1 else None)
+    noise_weight = noise_state = 0.0  # per-layer: one backward a micro-batch, no other order to try
+    if parts == 1:  # the rounding noise of this case: one process, the batch in ``world`` pieces
+        noise_model, noise_opt = build(cls, options, fsdp=False)
+        train(noise_model, noise_opt, range(STEPS), parts=world)
+        noise_weight = max(
+            relative(p, q) for p, q in zip(noise_model.parameters(), ref_model.parameters(), strict=True)
+        )
+        noise_state = compare_state(noise_opt, ref_opt, noise_model, ref_model)[0]
 
     model, opt = build(cls, options, fsdp=True)
-    train(model, opt, range(SAVE_AT), rank, world)
-    saved = {"model": model.state_dict(), "optimizer": opt.state_dict()}
-    saved = {k: {kk: vv for kk, vv in v.items()} for k, v in saved.items()}
-    import copy
-    import io
-
+    train(model, opt, range(SAVE_AT), rank, world, parts)
     buffer = io.BytesIO()
-    torch.save(copy.deepcopy(saved), buffer)
-    train(model, opt, range(SAVE_AT, STEPS), rank, world)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    dcp.save(root / "dcp", model, opt)
+    whole = gathered(model, opt)
+    if rank == 0:
+        torch.save(whole, root / "gathered.pt")
+    train(model, opt, range(SAVE_AT, STEPS), rank, world, parts)
 
     weight_error = max(relative(full(p), q) for p, q in zip(model.parameters(), ref_model.parameters(), strict=True))
     state_error, code_mismatch, replicated_differ = compare_state(opt, ref_opt, model, ref_model, world)
@@ -217,9 +248,17 @@ def run_case(cls, options, rank, world) -> dict:
     loaded = torch.load(buffer, weights_only=False)
     resumed_model.load_state_dict(loaded["model"])
     resumed_opt.load_state_dict(loaded["optimizer"])
-    train(resumed_model, resumed_opt, range(SAVE_AT, STEPS), rank, world)
+    train(resumed_model, resumed_opt, range(SAVE_AT, STEPS), rank, world, parts)
     resume_differ = differences(snapshot(model, opt), snapshot(resumed_model, resumed_opt))
+
+    dcp_model, dcp_opt = build(cls, options, fsdp=True)
+    dcp.load(root / "dcp", dcp_model, dcp_opt)
+    loaded_differ = [k for k, v in gathered(dcp_model, dcp_opt).items() if not same(v, whole[k])]
+    train(dcp_model, dcp_opt, range(SAVE_AT, STEPS), rank, world, parts)
+    dcp_resume_differ = differences(snapshot(model, opt), snapshot(dcp_model, dcp_opt))
     return {
+        "dcp_loaded_differ": loaded_differ,
+        "dcp_resume_differ": dcp_resume_differ,
         "weight_error": weight_error,
         "state_error": state_error,
         "noise_weight_error": noise_weight,
@@ -228,6 +267,24 @@ def run_case(cls, options, rank, world) -> dict:
         "replicated_differ": replicated_differ,
         "resume_differ": resume_differ,
     }
+
+
+def same(a, b) -> bool:
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def reshard(cls, options, source: Path, fsdp: bool) -> dict:
+    """Load a checkpoint another world size saved (``source``: its case directory): which
+    entries differ from what it saved (every one compared whole), or the refusal."""
+    model, opt = build(cls, options, fsdp=fsdp)
+    try:
+        dcp.load(source / "dcp", model, opt)
+    except ValueError as e:
+        return {"refused": str(e)}
+    saved = torch.load(source / "gathered.pt", weights_only=False)
+    mine = gathered(model, opt)
+    missing = sorted(set(saved) - set(mine) - {dcp.WORLD})
+    return {"differ": [k for k, v in mine.items() if k != dcp.WORLD and not same(v, saved[k])] + missing}
 
 
 def refusals() -> dict:
@@ -258,10 +315,15 @@ def main(out: str) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     names = os.environ.get("CASES", ",".join(CASES)).split(",")
+    root = Path(out).parent
     results = {"refused": refusals()}
     for name in names:
         cls, options = CASES[name]
-        results[name] = run_case(cls, options, rank, world)
+        results[name] = run_case(cls, options, rank, world, root / name)
+        if os.environ.get("RESHARD_FROM"):  # a checkpoint of this case saved by another world size
+            source = Path(os.environ["RESHARD_FROM"]) / name
+            results[name]["reshard"] = reshard(cls, options, source, fsdp=True)
+            results[name]["unsharded"] = reshard(cls, options, source, fsdp=False)
         dist.barrier()
         if rank == 0:
             print(name, results[name], flush=True)

@@ -169,7 +169,7 @@ def test_torchrun_runs_the_trainer_as_the_worker_does(fx, ddp, tmp_path):
 
 
 PER_LAYER_ERROR = (
-    "osd-train: error: per-layer optimizers step inside backward, before DDP's all-reduce: use one process"
+    "osd-train: error: per-layer optimizers step inside backward, before DDP's all-reduce: use one process, or --fsdp"
 )
 
 

@@ -12,6 +12,12 @@ A checkpoint is a directory ``SAVE_DIR/model_STEP`` holding::
                                      checkpoint, lets --continue_from refuse a mismatch and
                                      :func:`verify` find a damaged file
 
+Under ``--fsdp`` every rank writes its shards of the model and the optimizer through
+``torch.distributed.checkpoint`` (:mod:`osd.dcp`) into ``dcp/`` in place of
+``model.safetensors`` and ``optimizer.pt``; rank 0 writes the rest. Such a checkpoint
+resumes on any number of processes for full-precision optimizer state (the trainer still
+asks for the same world size: the data position is per rank).
+
 It is written to a hidden temporary directory and renamed into place, so a process dying
 while saving leaves the previous checkpoints intact; only the newest ``keep`` are kept, and
 :func:`clean` removes what a killed save left behind. Every ``.pt`` file loads with
@@ -33,6 +39,7 @@ import torch
 MARKER = "osd_checkpoint.json"
 NAME = re.compile(r"model_(\d+)$")
 FILES = ("config.json", "model.safetensors", "optimizer.pt", "trainer_state.pt", "data_state.json")
+SHARDED_FILES = ("config.json", "dcp/.metadata", "trainer_state.pt", "data_state.json")  # + dcp/'s data files
 LEFTOVER = re.compile(r"\.(tmp|old)-(model_\d+)-(\d+)$")  # what a killed save leaves
 
 
@@ -67,9 +74,40 @@ def save(directory, model, optimizer, trainer_state: dict, data_states: list, me
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="100GB")  # one file, as the seed does
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return _publish(tmp, final, trainer_state, data_states, meta, FILES, keep)
+
+
+def save_sharded(
+    directory, model, optimizer, trainer_state: dict, data_states: list, meta: dict, keep: int, main: bool, token
+) -> Path:
+    """:func:`save` for FSDP2, called on every rank: each writes its shards (``dcp/``), rank 0
+    (``main``) the rest. ``token`` (rank 0's pid, the same on every rank) names the
+    temporary directory."""
+    import torch.distributed as dist
+
+    from osd import dcp
+
+    final = Path(directory)
+    tmp = final.parent / f".tmp-{final.name}-{token}"
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(tmp / "dcp", model, optimizer)  # returns when every rank's files are written
+    if main:
+        model.config.to_json_file(tmp / "config.json")
+        files = sorted(str(f.relative_to(tmp)) for f in (tmp / "dcp").iterdir())
+        _publish(tmp, final, trainer_state, data_states, {**meta, "sharded": True}, ["config.json", *files], keep)
+    dist.barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path, trainer_state, data_states, meta, files, keep) -> Path:
+    """Write the trainer's files and the manifest into ``tmp``, then rename it to ``final``."""
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "data_state.json").write_text(json.dumps(data_states))
-    meta = {**meta, "files": {name: _describe(tmp / name) for name in FILES}}
+    names = list(dict.fromkeys([*files, "trainer_state.pt", "data_state.json"]))
+    meta = {**meta, "files": {name: _describe(tmp / name) for name in names}}
     (tmp / MARKER).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
     if final.exists():  # a re-run over the same step: swap, then drop the old copy
         old = final.parent / f".old-{final.name}-{os.getpid()}"
@@ -177,7 +215,7 @@ def verify(path: Path) -> dict:
     with mmap, JSON). Raises CheckpointError naming the first problem."""
     meta = read_meta(path)
     files = meta.get("files")
-    for name in FILES:
+    for name in SHARDED_FILES if meta.get("sharded") else FILES:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
@@ -210,10 +248,15 @@ def verify(path: Path) -> dict:
 
 def load(path: Path, model, optimizer) -> tuple[dict, list]:
     """Load model and optimizer state in place; return (trainer_state, data_states)."""
-    from safetensors.torch import load_file
+    if read_meta(path).get("sharded"):
+        from osd import dcp
 
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        dcp.load(path / "dcp", model, optimizer)
+    else:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
     data_states = json.loads((path / "data_state.json").read_text())
     return trainer_state, data_states

@@ -37,14 +37,19 @@ therefore raises ValueError unless ``TrainingArguments(max_grad_norm=0)`` (clip 
 parameter with ``Layerwise(..., max_grad_norm=...)`` instead) and
 ``gradient_accumulation_steps`` equals ``accumulation_steps``.
 
-Not for DDP/FSDP: their gradient all-reduce completes after these hooks fire.
+Under FSDP2 (``fully_shard``) each shard is updated in its hook, which FSDP2 calls after
+the reduce-scatter, with the reduced gradient of this rank's rows; per-parameter clipping
+takes the norm over all ranks. Gradients must be reduce-scattered in every micro-batch
+(FSDP2's default: leave ``set_requires_gradient_sync`` on), or the hooks fire once per
+step and :meth:`step` says so. Not under DDP: its all-reduce completes after these hooks
+fire, so they would see one rank's gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from osd import hf
+from osd import hf, projectors, shards
 from osd.optim import SubspaceOptimizer
 
 
@@ -114,9 +119,10 @@ class Layerwise(torch.optim.Optimizer):
         micro, last = self._seen[p], self._seen[p] == self.accumulation_steps
         group = self.param_groups[self._where[p]]
         opt = self.optimizer
+        layout = shards.layout([p])
         if "rank" not in group:
             if last:
-                opt.update([p], [self._clip(p.grad)])
+                opt.update([p], [self._clip(layout.local([p.grad])[0], layout)])
                 p.grad = None
             return
         g = opt.gradients([p], [p.grad])
@@ -126,16 +132,20 @@ class Layerwise(torch.optim.Optimizer):
         state = opt.state[p]
         g_projected = opt.project([p], g)
         r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
-        if last:
-            opt.finish([p], self._clip(r), g, g_projected)
+        if last:  # r holds this rank's rows when only the right side is projected
+            rows = layout if projectors.ROWS not in state else shards.WHOLE
+            opt.finish([p], self._clip(r, rows), g, g_projected)
         else:
             state["accum"] = r[0]
 
-    def _clip(self, g):
-        """``g`` scaled to norm at most ``max_grad_norm`` (decided on the device: no host read)."""
+    def _clip(self, g, layout: shards.Whole = shards.WHOLE):
+        """``g`` scaled to norm at most ``max_grad_norm`` (decided on the device: no host read);
+        ``g`` holds this rank's rows of a row-sharded ``layout``, whose norm sums over ranks."""
         if self.max_grad_norm is None:
             return g
         norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        if layout.sharded:
+            norm = layout.sum(norm.square()).sqrt()
         return g * (self.max_grad_norm / norm).clamp(max=1.0).to(g.dtype)
 
     def step(self, closure=None):
@@ -152,7 +162,8 @@ class Layerwise(torch.optim.Optimizer):
             counts = sorted({self._seen[p] for p in pending})
             raise RuntimeError(
                 f"step() after {counts} micro-batch backward(s) but accumulation_steps="
-                f"{self.accumulation_steps}: call backward accumulation_steps times per step"
+                f"{self.accumulation_steps}: call backward accumulation_steps times per step (under FSDP2, "
+                "with gradient sync on in every micro-batch: set_requires_gradient_sync(True))"
             )
         for p in self._seen:
             self._seen[p] = 0

@@ -133,7 +133,7 @@ def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str =
         u, _, vh = _svd(g)
     bases = {}
     if rows:
-        bases[ROWS] = shard.rows(u[..., :rank].float())
+        bases[ROWS] = shard.rows(u[..., :rank].float()).contiguous()
     if cols:
         bases[COLS] = vh[..., :rank, :].mT.float().contiguous()
     return bases
@@ -181,7 +181,7 @@ class Random:
                 q, _ = torch.linalg.qr(torch.stack(gaussians))
                 # contiguous (QR returns column-major Q): the same layout as after a reload, so
                 # a resumed run multiplies bit for bit as the uninterrupted one
-                put(state, key, (shard.rows(q) if key == ROWS else q.contiguous()).to(g.device))
+                put(state, key, (shard.rows(q) if key == ROWS else q).contiguous().to(g.device))
 
     def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
         return None

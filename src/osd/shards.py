@@ -141,3 +141,25 @@ def layout(params: list) -> Whole:
         )
     mesh = p.device_mesh
     return Rows(mesh.get_group(), p.shape[0])
+
+
+def row_sharded(keys, key: str) -> bool:
+    """Whether the state entry ``key`` of a row-sharded parameter (whose state has ``keys``)
+    holds this rank's rows: a plain parameter's moments, a left basis and its optimizer's
+    moments, the rule's moments of a right-only projection (m_i x r). Right bases, the
+    moments of a left projection (r x n) and per-matrix numbers are replicated. An 8-bit
+    moment's block scales follow their codes (but do not split at row boundaries)."""
+    from osd.corrections import NORM_KEY
+    from osd.projectors import COLS, ROWS
+    from osd.storage import SCALE
+
+    if key.endswith(SCALE):
+        return row_sharded(keys, key[: -len(SCALE)])
+    keys = set(keys)
+    if ROWS not in keys and COLS not in keys:  # a plain parameter: moments shaped like it
+        return True
+    if key == ROWS or key.startswith(ROWS + "."):
+        return True
+    if key == COLS or key.startswith(COLS + ".") or key == NORM_KEY:
+        return False
+    return ROWS not in keys  # the rule's moments: m_i x r under a right-only basis

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from osd import checkpoint, cli_options, models
+from osd import checkpoint, cli_options, models, shards
 from osd.cli_options import Diverged, Parser, UsageError
 from osd.data import DataError, Documents, TokenBatches, count_tokens, load_tokenizer, open_source
 from osd.metrics import MetricsLog, plot_main
@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proj_type", default="std", help=f"one of {', '.join(cli_options.PROJ_TYPES)}")
     flag("--log_details", help="accepted for the seed's command lines")
     flag("--single_gpu", help="no DDP (one process only)")
+    flag(
+        "--fsdp",
+        help="FSDP2 instead of DDP: each decoder layer and the model fully_shard-ed (rows of every weight, "
+        "gradient and optimizer state split over the processes); --dtype bfloat16 keeps fp32 weights and "
+        "computes in bf16; checkpoints through torch.distributed.checkpoint",
+    )
     # new flags
     p.add_argument("--dataset", default="allenai/c4", help="Hub name, or local json/jsonl(.gz)/parquet/txt/glob")
     p.add_argument("--eval_dataset", help="default: the Hub dataset's validation split")
@@ -268,8 +274,12 @@ def resolve(args, world_size: int) -> argparse.Namespace:
 
     if args.single_gpu and world_size > 1:
         raise UsageError(f"--single_gpu with {world_size} processes: each would train its own copy")
-    if args.per_layer and world_size > 1:
-        raise UsageError("per-layer optimizers step inside backward, before DDP's all-reduce: use one process")
+    if args.fsdp:
+        check_fsdp(args, choice)
+    elif args.per_layer and world_size > 1:
+        raise UsageError(
+            "per-layer optimizers step inside backward, before DDP's all-reduce: use one process, or --fsdp"
+        )
     if args.eval_dataset is None:
         if args.dataset != "allenai/c4" and (os.path.exists(args.dataset) or "/" not in args.dataset):
             raise UsageError("--eval_dataset is required with a local --dataset")
@@ -297,6 +307,19 @@ RANGES = {
     "seed": (0, True, None, None),
     "workers": (0, True, None, None),
 }
+
+
+def check_fsdp(args, choice) -> None:
+    """What --fsdp does not combine with (raises UsageError)."""
+    if choice.class_name == "Adafactor":
+        raise UsageError(
+            "--fsdp with adafactor: its factored second moment and update clipping reduce over whole matrices, "
+            "which sharded parameters do not hold; use adam, adam8bit, lion or sgd"
+        )
+    if args.single_gpu:
+        raise UsageError("--fsdp and --single_gpu exclude each other")
+    if args.autocast:
+        raise UsageError("--fsdp with --autocast: use --dtype bfloat16 (FSDP2 keeps fp32 weights and computes in bf16)")
 
 
 def check_numbers(args) -> None:
@@ -434,11 +457,16 @@ class Dist:
         self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         self.main = self.rank == 0
 
-    def start(self):
+    def start(self, group: bool = False):
+        """Set the device; start the process group when there are several processes, or
+        when ``group`` (FSDP2 needs one in a single process too)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.world > 1:
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            torch.distributed.init_process_group(backend)
+        elif group and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
     def sum(self, values) -> list:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -446,12 +474,33 @@ class Dist:
             torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, obj) -> list:
         if self.world == 1:
             return [obj]
         out = [None] * self.world if self.main else None
         torch.distributed.gather_object(obj, out, dst=0)
         return out
+
+
+def shard(model, dtype: str) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer, then the model (embeddings, final norm,
+    head); with ``dtype`` bfloat16 the weights stay fp32 and are gathered in bf16 for
+    compute, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = policy if dtype == "bfloat16" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def token_loss_sum(model, batch, device):
@@ -471,8 +520,18 @@ def evaluate(model, args, dist, tokenizer, eval_source, precision):
     batches = TokenBatches(docs, tokenizer, args.batch_size, args.max_length, args.model["vocab_size"], args.packing)
     loss, predicted, seen = 0.0, 0, 0
     model.eval()
-    for batch in batches:
-        if seen * dist.world >= args.eval_tokens:
+    stream = iter(batches)
+    idle = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+    while True:
+        batch = next(stream, None) if seen * dist.world < args.eval_tokens else None
+        if args.fsdp:  # each forward gathers weights from every rank: all go on while one has a batch
+            if dist.sum([batch is not None])[0] == 0:
+                break
+            if batch is None:
+                with precision():
+                    token_loss_sum(model, idle, dist.device)
+                continue
+        elif batch is None:
             break
         with precision():
             loss += token_loss_sum(model, batch, dist.device).item()
@@ -498,7 +557,10 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
     if args.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
-    model.to(device=dist.device, dtype=getattr(torch, args.dtype))
+    # FSDP2 keeps fp32 weights and casts them to bf16 for compute (its mixed-precision policy)
+    model.to(device=dist.device, dtype=torch.float32 if args.fsdp else getattr(torch, args.dtype))
+    if args.fsdp:
+        shard(model, args.dtype)
     try:
         optimizer = (build_optimizer or cli_options.build_optimizer)(model, args)
     except ValueError as e:
@@ -522,7 +584,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         checkpoint.set_rng_state(state["rng"][dist.rank])
         batches.load_state_dict(data_states[dist.rank])
     ddp = None
-    if dist.world > 1:
+    if dist.world > 1 and not args.fsdp:
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     forward = ddp or model
     precision = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=args.autocast)
@@ -537,14 +599,22 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
 
     def save():
         # one host read per save: a checkpoint is only written from finite weights
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        finite = torch.stack([torch.isfinite(p).all() for p in shards.WHOLE.local(list(model.parameters()))]).all()
         if not bool(dist.sum([0.0 if finite else 1.0])[0] == 0):
             raise Diverged(f"non-finite weights after step {step}: not saved; {last_checkpoint()}")
         meta = {"step": step, **run_identity(args), "run": args.name, "flags": training_flags(args)}
         trainer_state = {"step": step, "tokens": tokens, "scheduler": scheduler.state_dict()}
         rng = dist.gather(checkpoint.rng_state())
         data_states = dist.gather(batches.state_dict())
-        if dist.main:
+        if args.fsdp:  # every rank writes its shards
+            trainer_state["rng"] = rng
+            where = Path(args.save_dir) / f"model_{step}"
+            token = dist.broadcast(os.getpid())
+            path = checkpoint.save_sharded(
+                where, model, optimizer, trainer_state, data_states, meta, args.keep_checkpoints, dist.main, token
+            )
+            log(f"saved {path}")
+        elif dist.main:
             trainer_state["rng"] = rng
             path = checkpoint.save(
                 Path(args.save_dir) / f"model_{step}",
@@ -586,6 +656,8 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+            if args.fsdp and not args.per_layer:  # reduce-scatter in the last backward only
+                model.set_requires_gradient_sync(last)  # (per-layer updates need every one: each fires the hooks)
             with sync:
                 with precision():
                     loss = token_loss_sum(forward, batch, dist.device)
@@ -600,7 +672,8 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
                 f"(lower --lr, or set --grad_clipping)"
             )
         if args.grad_clipping and not args.per_layer:  # per-layer clips inside backward
-            entry["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, args.grad_clipping).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clipping)
+            entry["grad_norm"] = (norm.full_tensor() if args.fsdp else norm).item()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -694,7 +767,7 @@ def run(argv, dist=None, build_optimizer=None):
     (benchmarks use it for optimizers outside osd); ``--optimizer`` is then only recorded."""
     dist = dist or Dist()
     args, tokenizer, train_source, eval_source, resume_path = prepare(argv, dist)
-    dist.start()
+    dist.start(group=args.fsdp)
     log = print if dist.main else (lambda *a, **k: None)
     resolved = {k: v for k, v in vars(args).items() if k not in ("model", "restored")}
     resolved.update(model=args.model, versions=versions(), device=str(dist.device))

@@ -1,0 +1,124 @@
+"""The trainer under FSDP2 (``--fsdp``): 2 CPU processes (gloo).
+
+One launch of tests/train_ddp_worker.py trains, in 2 processes: an FSDP2 run, its DDP twin,
+a resume of the FSDP2 run from its step-4 checkpoint, an FSDP2 run with SVD bases and
+gradient accumulation beside its DDP twin, and a per-layer FSDP2 run. Checked: FSDP2 gives
+DDP's losses and evaluations (fp32: within 1e-6 relative), per-layer FSDP2 those of one
+per-layer process with the same global batch, the resume repeats the metrics exactly, the
+checkpoint is a DCP directory that ``osd-train`` verifies. Plus the real ``torchrun -m
+osd.train --fsdp`` and the combinations ``--fsdp`` refuses, each with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launcher import env, free_ports, launch
+from train_fixtures import base_args, make_fixture, read_metrics, without_timing
+
+from osd import checkpoint, train
+
+WORKER = Path(__file__).with_name("train_ddp_worker.py")
+WORLD = 2
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+COMMON = dict(eval_tokens=1_000_000, keep_checkpoints=0, log_every=100, batch_size=2)
+RUNS = {
+    "fsdp": dict(fsdp=True),
+    "ddp": dict(),
+    "fsdp_svd_accumulation": dict(fsdp=True, proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4),
+    "ddp_svd_accumulation": dict(proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4),
+    # per-layer: each shard updated in the hook FSDP2 calls after its reduce-scatter
+    "fsdp_per_layer": dict(fsdp=True, optimizer="galore_adamw_per_layer", grad_clipping=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return make_fixture(tmp_path_factory.mktemp("train_fixture"))
+
+
+@pytest.fixture(scope="module")
+def runs(fx, tmp_path_factory):
+    """Every run of RUNS, then the resume of "fsdp" from step 4, in one 2-process launch."""
+    root = tmp_path_factory.mktemp("fsdp")
+    dirs = {name: root / name for name in [*RUNS, "resumed"]}
+    argvs = {name: base_args(fx, dirs[name], **{**COMMON, **flags}) for name, flags in RUNS.items()}
+    argvs["resumed"] = base_args(fx, dirs["resumed"], **COMMON, fsdp=True, continue_from=dirs["fsdp"] / "model_4")
+    jobs = [
+        {"argv": argv, "port": port, "dump": str(dirs[name] / "dump")}
+        for (name, argv), port in zip(argvs.items(), free_ports(len(argvs)), strict=True)
+    ]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    launch(WORKER, [str(root / "jobs.json")], WORLD, root, timeout=400)
+    return dirs
+
+
+def close(a: list[dict], b: list[dict], rtol: float) -> list[str]:
+    """Metric values of two runs that differ by more than ``rtol`` relative."""
+    bad = []
+    for x, y in zip(without_timing(a), without_timing(b), strict=True):
+        for k in x:
+            if isinstance(x[k], float) and abs(x[k] - y[k]) > rtol * max(abs(y[k]), 1e-12):
+                bad.append(f"step {x['step']} {k}: {x[k]} vs {y[k]}")
+            elif not isinstance(x[k], float) and x[k] != y[k]:
+                bad.append(f"step {x['step']} {k}: {x[k]} vs {y[k]}")
+    return bad
+
+
+@pytest.mark.parametrize("name", ["", "_svd_accumulation"])
+def test_fsdp_trains_as_ddp_does(runs, name):
+    fsdp, ddp = read_metrics(runs["fsdp" + name]), read_metrics(runs["ddp" + name])
+    assert len(fsdp) == len(ddp) and any("eval_loss" in r for r in fsdp)
+    assert close(fsdp, ddp, rtol=1e-6) == []
+
+
+def test_per_layer_updates_under_fsdp_train_as_one_process_does(fx, runs, tmp_path):
+    """2 ranks of 2 sequences, per-layer, against one process of 4 sequences, per-layer:
+    the same losses and evaluations (fp32, within 1e-6)."""
+    one = tmp_path / "one"
+    flags = {**COMMON, **RUNS["fsdp_per_layer"], "fsdp": None, "batch_size": 4}
+    assert train.main(base_args(fx, one, **flags)) == 0
+    assert close(read_metrics(runs["fsdp_per_layer"]), read_metrics(one), rtol=1e-6) == []
+
+
+def test_resuming_an_fsdp_run_repeats_its_metrics(runs):
+    resumed = without_timing(read_metrics(runs["resumed"]))
+    original = without_timing(read_metrics(runs["fsdp"]))
+    assert resumed and resumed == original[-len(resumed) :]
+
+
+def test_an_fsdp_checkpoint_is_a_verified_dcp_directory(runs):
+    path = runs["fsdp"] / "model_8"
+    meta = checkpoint.verify(path)
+    assert meta["sharded"] and meta["world_size"] == WORLD
+    assert (path / "dcp" / ".metadata").is_file() and not (path / "model.safetensors").exists()
+    assert {f"dcp/__{r}_0.distcp" for r in range(WORLD)} <= set(meta["files"])
+    (path / "dcp" / "__1_0.distcp").write_bytes(b"damaged")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match its SHA-256|bytes"):
+        checkpoint.verify(path)
+
+
+def test_torchrun_runs_the_trainer_with_fsdp(fx, tmp_path):
+    argv = base_args(fx, tmp_path / "run", **{**COMMON, "fsdp": True, "num_training_steps": 2, "eval_every": 2})
+    proc = subprocess.run([*TORCHRUN, "-m", "osd.train", *argv], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "saved" in proc.stdout and (tmp_path / "run" / "model_2" / "dcp" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (dict(optimizer="galore_adafactor"), "--fsdp with adafactor: its factored second moment"),
+        (dict(autocast=True), "--fsdp with --autocast: use --dtype bfloat16"),
+        (dict(single_gpu=True), "--fsdp and --single_gpu exclude each other"),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_run_with_one_line(fx, tmp_path, capsys, flags, message):
+    assert train.main(base_args(fx, tmp_path / "run", fsdp=True, **flags)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
