@@ -122,3 +122,23 @@ def test_fsdp_refuses_what_it_cannot_run_with_one_line(fx, tmp_path, capsys, fla
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_fsdp_checkpoint_loads_into_one_unsharded_process(fx, runs):
+    """The export path the docs give: osd.dcp.load of the 2-rank checkpoint into a plain
+    model and optimizer in this process (no process group) gives the weights the DDP twin
+    saved (within 1e-6) and every optimizer parameter its state."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from osd import cli_options, dcp, models
+
+    args = train.resolve(train.parse_args(base_args(fx, runs["fsdp"], **COMMON, fsdp=True)), WORLD)
+    model = LlamaForCausalLM(models.model_config(args.model_config))
+    optimizer = cli_options.build_optimizer(model, args)
+    dcp.load(runs["fsdp"] / "model_4" / "dcp", model, optimizer)  # (model_8 is damaged above)
+    ddp = load_file(runs["ddp"] / "model_4" / "model.safetensors")
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, ddp[name], rtol=1e-6, atol=1e-7), name
+    assert all(optimizer.state[p]["step"] == 4 for g in optimizer.param_groups for p in g["params"])
