@@ -3,6 +3,7 @@ environment) and wait for them: the launcher of the multi-process tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -74,3 +75,15 @@ def wait_all(procs, timeout: float) -> list[int]:
             p.kill()
             p.wait()
     return [p.returncode for p in procs]
+
+
+def run_jobs(worker: Path, argvs: dict, dirs: dict, root: Path, world: int, timeout: float) -> None:
+    """Every trainer command line of ``argvs`` (name -> argv), in turn, in one launch of
+    ``world`` ranks of ``worker`` (tests/train_ddp_worker.py), each job on a port of its own;
+    the ranks dump their weights and optimizer state into ``dirs[name] / "dump"``."""
+    jobs = [
+        {"argv": argv, "port": port, "dump": str(dirs[name] / "dump")}
+        for (name, argv), port in zip(argvs.items(), free_ports(len(argvs)), strict=True)
+    ]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    launch(worker, [str(root / "jobs.json")], world, root, timeout=timeout)

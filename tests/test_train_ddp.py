@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launcher import env, free_ports, launch
+from launcher import env, run_jobs
 from train_fixtures import base_args, make_fixture, read_metrics, without_timing
 
 from osd import train
@@ -60,13 +60,7 @@ def ddp(fx, tmp_path_factory):
     argvs["resumed"] = base_args(
         fx, dirs["resumed"], **COMMON, **RUNS["continuous"], continue_from=dirs["continuous"] / "model_4"
     )
-    jobs = [
-        {"argv": argv, "port": port, "dump": str(dirs[name] / "dump")}
-        for (name, argv), port in zip(argvs.items(), free_ports(len(argvs)), strict=True)
-    ]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    # each job sets its own MASTER_PORT
-    launch(WORKER, [str(root / "jobs.json")], WORLD, root, timeout=300)
+    run_jobs(WORKER, argvs, dirs, root, WORLD, timeout=300)
     return dirs
 
 

@@ -11,13 +11,12 @@ osd.train --fsdp`` and the combinations ``--fsdp`` refuses, each with one line.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from launcher import env, free_ports, launch
+from launcher import env, run_jobs
 from train_fixtures import base_args, make_fixture, read_metrics, without_timing
 
 from osd import checkpoint, train
@@ -48,12 +47,7 @@ def runs(fx, tmp_path_factory):
     dirs = {name: root / name for name in [*RUNS, "resumed"]}
     argvs = {name: base_args(fx, dirs[name], **{**COMMON, **flags}) for name, flags in RUNS.items()}
     argvs["resumed"] = base_args(fx, dirs["resumed"], **COMMON, fsdp=True, continue_from=dirs["fsdp"] / "model_4")
-    jobs = [
-        {"argv": argv, "port": port, "dump": str(dirs[name] / "dump")}
-        for (name, argv), port in zip(argvs.items(), free_ports(len(argvs)), strict=True)
-    ]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    launch(WORKER, [str(root / "jobs.json")], WORLD, root, timeout=400)
+    run_jobs(WORKER, argvs, dirs, root, WORLD, timeout=400)
     return dirs
 
 
