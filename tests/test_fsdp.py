@@ -1,7 +1,8 @@
 """osd optimizers on FSDP2 (``fully_shard``, rows sharded): 2 and 4 CPU processes (gloo).
 
 One launch of tests/fsdp_worker.py per world size trains every case (projector x rule x
-storage, the corrections, both-sided projection with retraction and transport) sharded,
+storage, Adafactor and Adafactor as P's optimizer, the corrections, both-sided projection
+with retraction and transport, per-layer updates) sharded,
 beside the same model in one process, and resumes each from every rank's state_dict. See
 the worker for what each number is.
 
@@ -39,6 +40,7 @@ FOUR_WAY = [
     "online_pca-fira",
     "random-apollo_mini",
     "online_pca-layerwise",
+    "online_pca-adafactor",
 ]
 
 
@@ -54,10 +56,15 @@ def results(tmp_path_factory):
         if world not in _RUNS:
             root = tmp_path_factory.mktemp(f"fsdp{world}")
             extra = {"CASES": ",".join(CASES if world == 2 else FOUR_WAY)}
-            if world == 4:  # load the checkpoints the 2-rank run saved
-                extra["RESHARD_FROM"] = str(get(2)["root"])
-            launch(WORKER, [str(root / "results.json")], world, root, timeout=600, **extra)
-            _RUNS[world] = {**json.loads((root / "results.json").read_text()), "root": root}
+            try:
+                if world == 4:  # load the checkpoints the 2-rank run saved
+                    extra["RESHARD_FROM"] = str(get(2)["root"])
+                launch(WORKER, [str(root / "results.json")], world, root, timeout=600, **extra)
+                _RUNS[world] = {**json.loads((root / "results.json").read_text()), "root": root}
+            except (AssertionError, OSError) as e:  # launched once: every test of this size fails with it
+                _RUNS[world] = e
+        if isinstance(_RUNS[world], BaseException):
+            raise _RUNS[world]
         return _RUNS[world]
 
     return get
@@ -80,10 +87,8 @@ def test_resuming_from_every_ranks_state_dict_is_bitwise(results, world, case):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_what_sharding_cannot_run_is_refused_with_the_reason(results, world):
+def test_a_placement_other_than_rows_is_refused_with_the_reason(results, world):
     refused = results(world)["refused"]
-    assert "Adafactor's rule reduces over each whole tensor" in refused["adafactor"]
-    assert "use AdamW, AdamW8bit, Lion or SGD" in refused["adafactor"]
     assert "sharded on dim 0 over a 1-D mesh" in refused["columns"]
     assert "Shard(dim=1)" in refused["columns"]
 

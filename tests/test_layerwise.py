@@ -202,14 +202,3 @@ def test_gradient_memory_drops():
     assert ordinary == total
     # hooks run in registration order: ours frees first, so at most one gradient is alive
     assert layerwise <= largest, (layerwise, largest, total)
-
-
-def test_unsharded_parameters_in_a_process_group_are_refused(monkeypatch):
-    """Under DDP the hooks would fire before the all-reduce: several ranks with plain
-    (unsharded) parameters are refused, naming what to do instead."""
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    model = torch.nn.Linear(8, 8)
-    with pytest.raises(ValueError, match=r"unsharded parameters in a process group of 2: under DDP") as e:
-        osd.Layerwise(osd.AdamW(model.parameters()))
-    assert "fully_shard" in str(e.value)

@@ -106,7 +106,6 @@ def test_torchrun_runs_the_trainer_with_fsdp(fx, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (dict(optimizer="galore_adafactor"), "--fsdp with adafactor: its factored second moment"),
         (dict(autocast=True), "--fsdp with --autocast: use --dtype bfloat16"),
         (dict(single_gpu=True), "--fsdp and --single_gpu exclude each other"),
     ],

@@ -25,6 +25,7 @@ optimizer: its templates come from the checkpoint's metadata.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +56,17 @@ def _world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
+def _dcp(fn, state: dict, path) -> None:
+    """``dcp.save``/``dcp.load``; without a process group, in this process alone (said, so
+    DCP does not warn that it assumes it)."""
+    import torch.distributed as dist
+
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        fn(state, checkpoint_id=str(path), no_dist=alone)
+
+
 def state_dict(model, optimizer) -> dict:
     """The flat state dict of global tensors that :func:`save` writes (see the module)."""
     world, rank = _world_and_rank()
@@ -65,7 +77,7 @@ def state_dict(model, optimizer) -> dict:
             continue
         sharded = shards.layout([p]).sharded
         for key, value in state.items():
-            if torch.is_tensor(value) and sharded and shards.row_sharded(state, key):
+            if torch.is_tensor(value) and sharded and shards.row_sharded(state, key, value.dim()):
                 if key.endswith(SCALE) or key + SCALE in state:  # 8-bit: this rank's own codes, scales
                     out[f"optim/{name}/{key}{OWN}{rank}"] = value
                     continue
@@ -92,7 +104,7 @@ def save(path, model, optimizer) -> None:
     """Write model and optimizer to the DCP directory ``path`` (call on every rank)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state_dict(model, optimizer), checkpoint_id=str(path))
+    _dcp(dcp.save, state_dict(model, optimizer), path)
 
 
 def load(path, model, optimizer) -> None:
@@ -123,7 +135,7 @@ def load(path, model, optimizer) -> None:
         raise ValueError(f"checkpoint {path} holds optimizer state of parameters this model lacks: {unknown[:3]}")
     if per_rank:
         probe = {WORLD: None}
-        dcp.load(probe, checkpoint_id=str(path))
+        _dcp(dcp.load, probe, path)
         if probe[WORLD] != world:
             raise ValueError(
                 f"checkpoint {path} holds 8-bit optimizer state of sharded parameters, which resumes on the "
@@ -137,13 +149,13 @@ def load(path, model, optimizer) -> None:
             meta = metadata[key]
             if not isinstance(meta, TensorStorageMetadata):
                 target[key] = None  # a Python value: DCP puts it in place
-            elif OWN not in key and layout.sharded and shards.row_sharded(saved[name], state_key):
+            elif OWN not in key and layout.sharded and shards.row_sharded(saved[name], state_key, len(meta.size)):
                 rows = (layout.stop - layout.start,) + tuple(meta.size[1:])
                 target[key] = _rows(torch.empty(rows, dtype=meta.properties.dtype, device=p.device), p)
             else:  # whole, replicated, or this rank's own
                 target[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=p.device)
     target[GROUPS] = None
-    dcp.load(target, checkpoint_id=str(path))
+    _dcp(dcp.load, target, path)
     groups = json.loads(target[GROUPS])
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(

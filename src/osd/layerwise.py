@@ -42,8 +42,8 @@ the reduce-scatter, with the reduced gradient of this rank's rows; per-parameter
 takes the norm over all ranks. Gradients must be reduce-scattered in every micro-batch
 (FSDP2's default: leave ``set_requires_gradient_sync`` on), or the hooks fire once per
 step and :meth:`step` says so. Not under DDP: its all-reduce completes after these hooks
-fire, so they would see one rank's gradient: unsharded parameters in a process group of
-several ranks are refused.
+fire, so they would see one rank's gradient (``osd-train`` refuses per-layer optimizers
+under DDP).
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class Layerwise(torch.optim.Optimizer):
             raise ValueError("this optimizer is already wrapped by a Layerwise (its hooks would run twice)")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-        _check_not_ddp([p for g in optimizer.param_groups for p in g["params"]])
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
@@ -200,23 +199,6 @@ class Layerwise(torch.optim.Optimizer):
             handle.remove()
         self._handles = []
         self.optimizer._layerwise_hooks = False
-
-
-def _check_not_ddp(params) -> None:
-    """Refuse plain parameters in a process group of several ranks: under DDP the hooks fire
-    before the all-reduce, so each rank would step on its own gradient."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    if all(shards.layout([p]).sharded or shards._is_dtensor(p) for p in params):
-        return
-    raise ValueError(
-        f"osd.Layerwise with unsharded parameters in a process group of {dist.get_world_size()}: under DDP its "
-        "updates would run in backward before the gradient all-reduce, each rank on its own gradient. Shard the "
-        "model with torch.distributed.fsdp.fully_shard (FSDP2 calls the hooks after each reduce-scatter), or "
-        "train in one process"
-    )
 
 
 def _check_trainer(trainer, accumulation_steps: int) -> None:

@@ -245,7 +245,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def update(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """One optimizer step of a stack (see :meth:`stacks`) from its gradients."""
         group = self._stack_group(params)
-        self._check_layout(params, group)
         if "rank" not in group:
             self._plain_update(params, grads, group)
             return
@@ -253,17 +252,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         self.refresh(params, g)
         r = self.project(params, g)
         self.finish(params, r, g, r)
-
-    def _check_layout(self, params, group) -> None:
-        """Refuse what row shards (FSDP2) cannot run: a rule or correction that reduces
-        over whole matrices in ways :mod:`osd.shards` does not provide."""
-        if not shards.layout(params).sharded:
-            return
-        if not self.rule(group).elementwise:
-            raise ValueError(
-                f"{type(self).__name__}'s rule reduces over each whole tensor (factored second moment, update "
-                "clipping), which is not implemented for FSDP2-sharded parameters; use AdamW, AdamW8bit, Lion or SGD"
-            )
 
     def gradients(self, params, grads) -> torch.Tensor:
         """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype
@@ -333,8 +321,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             st.update(rule.init(r.shape, r.device, self.storage))
             engine.add_new_state(states, st)
         lr = group["lr"]
-        delta = self.storage.update(rule, r, st, lr, step + 1)
         bases = _bases(st)
+        # R holds this rank's rows only when just the right side is projected (m_i x r)
+        rows = shard if projectors.ROWS not in bases else shards.WHOLE
+        delta = self.storage.update(rule, r, st, lr, step + 1, rows)
         decay = lr * group.get("weight_decay", 0.0)
         scale = group["scale"]
         correction = group.get("correction", "none")
@@ -397,7 +387,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
     def _plain_update(self, params, grads, group):
         rule = self.rule(group)
         states = [self.state[p] for p in params]
-        shard = shards.layout(params)  # elementwise rules: a shard is updated as a tensor
+        shard = shards.layout(params)  # a shard is a tensor to the rules (Adafactor sums over ranks)
         params, grads = shard.local(params), shard.local(grads)
         step = states[0].setdefault("step", 0)
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
@@ -417,7 +407,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             if step == 0:
                 st.update(rule.init(g.shape, g.device, self.storage, dtype))
                 engine.add_new_state(states, st)
-            engine.apply(params, self.storage.update(rule, g, st, lr, step + 1), lr, weight_decay)
+            engine.apply(params, self.storage.update(rule, g, st, lr, step + 1, shard), lr, weight_decay)
         for s in states:
             s["step"] = step + 1
 

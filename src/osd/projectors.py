@@ -302,7 +302,8 @@ class OnlinePCA:
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             saved = {k: v.clone() for k, v in sub.items() if torch.is_tensor(v)}
             new = basis * (1 - lr * self.weight_decay) if self.weight_decay else basis
-            new = new - self.storage.update(self.rule, grad, sub, lr, step)
+            rows = shard if key == ROWS else WHOLE  # a left basis: this rank's rows
+            new = new - self.storage.update(self.rule, grad, sub, lr, step, rows)
             if self.retract_every and step % self.retract_every == 0:
                 new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
             for k, old in saved.items():

@@ -16,6 +16,10 @@ rules read a moment with ``storage.load(state, key)`` and write it back with
 in-place arithmetic. Every op a rule dispatches runs once per stack, whatever k is, and no
 rule reads a tensor's value on the host.
 
+Under FSDP2 a stack may hold this rank's rows of each tensor (dimension 1 of the stack,
+``shard``, see :mod:`osd.shards`): elementwise rules do not care; Adafactor sums its
+reductions over rows across the ranks.
+
 Each rule names its ``moments``: (first-moment keys, second-moment keys), so that
 subspace state can be carried into a new basis (:func:`osd.projectors.transport`).
 
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from osd.shards import WHOLE, Whole
 from osd.storage import FP32, Storage
 
 
@@ -70,7 +75,7 @@ class Adam:
             return lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
         return lr
 
-    def update(self, g, state, lr, step, storage: Storage = FP32):
+    def update(self, g, state, lr, step, storage: Storage = FP32, shard: Whole = WHOLE):
         beta1, beta2 = self.betas
         m = storage.load(state, "exp_avg")
         v = storage.load(state, "exp_avg_sq")
@@ -103,7 +108,7 @@ class Lion(_LrStepSize):
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
 
-    def update(self, g, state, lr, step, storage: Storage = FP32):
+    def update(self, g, state, lr, step, storage: Storage = FP32, shard: Whole = WHOLE):
         beta1, beta2 = self.betas
         m = storage.load(state, "exp_avg")
         delta = torch.lerp(m, g, 1 - beta1).sign_().mul_(lr)
@@ -141,14 +146,20 @@ class Adafactor(_LrStepSize):
             state.update(storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype))
         return state
 
-    def update(self, g, state, lr, step, storage: Storage = FP32):
+    def update(self, g, state, lr, step, storage: Storage = FP32, shard: Whole = WHOLE):
         beta2t = 1.0 - math.pow(step, self.decay_rate)
         sq = g.square().add_(self.eps[0])
         if "exp_avg_sq_row" in state:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            rows_sharded = shard.sharded and g.dim() == 3  # the factored rows are this rank's
             row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
-            col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            if rows_sharded:
+                col.mul_(beta2t).add_(shard.sum(sq.sum(dim=-2)).div_(shard.m), alpha=1 - beta2t)
+                row_mean = shard.sum(row.sum(dim=-1, keepdim=True)).div_(shard.m)
+            else:
+                col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
+                row_mean = row.mean(dim=-1, keepdim=True)
+            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             delta = torch.mul(r_factor, c_factor).mul_(g)
         else:
@@ -156,7 +167,12 @@ class Adafactor(_LrStepSize):
             v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
             delta = v.rsqrt().mul_(g)
         dims = _per_tensor_dims(delta)
-        rms = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / math.sqrt(delta[0].numel())
+        if shard.sharded:  # over all ranks' rows: the RMS of the whole tensor
+            numel = shard.m * math.prod(delta.shape[2:])
+            square = torch.linalg.vector_norm(delta, dim=dims, keepdim=True).square_()
+            rms = shard.sum(square).sqrt_() / math.sqrt(numel)
+        else:
+            rms = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / math.sqrt(delta[0].numel())
         delta.div_((rms / self.clip_threshold).clamp_(min=1.0)).mul_(lr)
         if self.beta1 is not None:
             m = storage.load(state, "exp_avg")
@@ -176,7 +192,7 @@ class SGD(_LrStepSize):
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}
 
-    def update(self, g, state, lr, step, storage: Storage = FP32):
+    def update(self, g, state, lr, step, storage: Storage = FP32, shard: Whole = WHOLE):
         return g * lr
 
 

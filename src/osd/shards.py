@@ -143,18 +143,21 @@ def layout(params: list) -> Whole:
     return Rows(mesh.get_group(), p.shape[0])
 
 
-def row_sharded(keys, key: str) -> bool:
-    """Whether the state entry ``key`` of a row-sharded parameter (whose state has ``keys``)
-    holds this rank's rows: a plain parameter's moments, a left basis and its optimizer's
-    moments, the rule's moments of a right-only projection (m_i x r). Right bases, the
-    moments of a left projection (r x n) and per-matrix numbers are replicated. An 8-bit
+def row_sharded(keys, key: str, ndim: int) -> bool:
+    """Whether the state entry ``key`` (of ``ndim`` dimensions) of a row-sharded parameter
+    (whose state has ``keys``) holds this rank's rows: a plain parameter's moments, a left
+    basis and its optimizer's moments, the rule's moments of a right-only projection
+    (m_i x r). Right bases, the moments of a left projection (r x n), per-matrix numbers and
+    Adafactor's column factor of a matrix (a mean over all rows) are replicated. An 8-bit
     moment's block scales follow their codes (but do not split at row boundaries)."""
     from osd.corrections import NORM_KEY
     from osd.projectors import COLS, ROWS
     from osd.storage import SCALE
 
     if key.endswith(SCALE):
-        return row_sharded(keys, key[: -len(SCALE)])
+        return row_sharded(keys, key[: -len(SCALE)], 2)
+    if key.endswith("exp_avg_sq_col") and ndim <= 1:  # Adafactor's of a matrix: over all rows
+        return False
     keys = set(keys)
     if ROWS not in keys and COLS not in keys:  # a plain parameter: moments shaped like it
         return True

@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from osd.shards import WHOLE, Whole
+
 SCALE, SIGNED = ".scale", ".signed"
 
 
@@ -42,9 +44,10 @@ class Storage:
         if value is not state[key]:
             state[key].copy_(value)
 
-    def update(self, rule, g: torch.Tensor, state: dict, lr: float, step: int) -> torch.Tensor:
-        """``rule.update`` of the stack ``g`` with its state in this storage (the state's dtype)."""
-        return rule.update(g, state, lr, step, self)
+    def update(self, rule, g: torch.Tensor, state: dict, lr: float, step: int, shard: Whole = WHOLE) -> torch.Tensor:
+        """``rule.update`` of the stack ``g`` with its state in this storage (the state's dtype);
+        ``shard``: the layout of ``g``'s rows (:mod:`osd.shards`), for rules that reduce over them."""
+        return rule.update(g, state, lr, step, self, shard)
 
 
 FP32 = Storage()
@@ -167,7 +170,7 @@ class Blockwise8bit(Storage):
             key + SIGNED: bool(signed),
         }
 
-    def update(self, rule, g, state, lr, step):
+    def update(self, rule, g, state, lr, step, shard: Whole = WHOLE):
         """``rule.update`` with 8-bit moments. When fused (see the class), an elementwise
         rule's moments (Adam, Lion) are dequantised, updated and requantised by one compiled
         function (:func:`_fused_update`); other rules (Adafactor), unfused and eager runs
@@ -175,7 +178,7 @@ class Blockwise8bit(Storage):
         quantized = [k for k in state if k + SCALE in state]
         fused = self.fused if self.fused is not None else g.is_cuda
         if not (quantized and fused and getattr(rule, "elementwise", False)) or _eager(g, self.compile):
-            return rule.update(g.float(), state, lr, step, self)
+            return rule.update(g.float(), state, lr, step, self, shard)
         flat = {
             k: (state[k].view(-1).detach(), state[k + SCALE].view(-1).detach(), _qmap(state[k + SIGNED], g.device))
             for k in quantized
@@ -188,7 +191,7 @@ class Blockwise8bit(Storage):
                 delta = kernel(rule, g.reshape(-1).detach(), flat, lr, step, self.block_size)
         except Exception as e:  # noqa: BLE001 - a compiler failure: fall back to eager
             _compile_failed(e)
-            return rule.update(g.float(), state, lr, step, self)
+            return rule.update(g.float(), state, lr, step, self, shard)
         return delta.view(g.shape)
 
     def load(self, state, key):

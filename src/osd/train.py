@@ -275,7 +275,7 @@ def resolve(args, world_size: int) -> argparse.Namespace:
     if args.single_gpu and world_size > 1:
         raise UsageError(f"--single_gpu with {world_size} processes: each would train its own copy")
     if args.fsdp:
-        check_fsdp(args, choice)
+        check_fsdp(args)
     elif args.per_layer and world_size > 1:
         raise UsageError(
             "per-layer optimizers step inside backward, before DDP's all-reduce: use one process, or --fsdp"
@@ -309,13 +309,8 @@ RANGES = {
 }
 
 
-def check_fsdp(args, choice) -> None:
+def check_fsdp(args) -> None:
     """What --fsdp does not combine with (raises UsageError)."""
-    if choice.class_name == "Adafactor":
-        raise UsageError(
-            "--fsdp with adafactor: its factored second moment and update clipping reduce over whole matrices, "
-            "which sharded parameters do not hold; use adam, adam8bit, lion or sgd"
-        )
     if args.single_gpu:
         raise UsageError("--fsdp and --single_gpu exclude each other")
     if args.autocast:
