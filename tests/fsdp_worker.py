@@ -60,7 +60,7 @@ CASES = {
     "online_pca-fira": (osd.AdamW, dict(projector="online_pca", correction="fira")),
     "online_pca-apollo": (osd.AdamW, dict(projector="online_pca", correction="apollo")),
     "random-apollo_mini": (osd.AdamW, dict(projector="random", correction="apollo_mini")),
-    "svd-proj_adam8bit": (osd.AdamW8bit, dict(projector="online_pca", proj_optimizer="adam8bit")),
+    "online_pca-proj_adam8bit": (osd.AdamW8bit, dict(projector="online_pca", proj_optimizer="adam8bit")),
     # Adafactor: factored second moment and update clipping summed over the ranks' rows
     "online_pca-adafactor": (osd.Adafactor, dict(projector="online_pca")),
     "random-adafactor-beta1": (functools.partial(osd.Adafactor, beta1=0.9), dict(projector="random")),
