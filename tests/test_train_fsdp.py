@@ -6,13 +6,17 @@ gradient accumulation beside its DDP twin, and a per-layer FSDP2 run. Checked: F
 DDP's losses and evaluations (fp32: within 1e-6 relative), per-layer FSDP2 those of one
 per-layer process with the same global batch, the resume repeats the metrics exactly, the
 checkpoint is a DCP directory that ``osd-train`` verifies. Plus the real ``torchrun -m
-osd.train --fsdp`` and the combinations ``--fsdp`` refuses, each with one line.
+osd.train --fsdp``, killed and restarted, and the combinations ``--fsdp`` refuses, each with
+one line.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +105,29 @@ def test_torchrun_runs_the_trainer_with_fsdp(fx, tmp_path):
     proc = subprocess.run([*TORCHRUN, "-m", "osd.train", *argv], capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "saved" in proc.stdout and (tmp_path / "run" / "model_2" / "dcp" / ".metadata").is_file()
+
+
+def test_a_killed_fsdp_run_restarts_to_the_same_metrics(fx, runs, tmp_path):
+    """``torchrun -m osd.train --fsdp --auto_resume``, saving every 2 steps, killed (SIGKILL,
+    every process) once its step-4 checkpoint exists; the same command again finishes the
+    run: its metrics equal the uninterrupted run's."""
+    run = tmp_path / "run"
+    argv = base_args(fx, run, **{**COMMON, "fsdp": True, "save_every": 2, "auto_resume": True})
+    command = [*TORCHRUN, "-m", "osd.train", *argv]
+    first = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while not (run / "model_4" / checkpoint.MARKER).is_file():
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run / "model_8").exists()  # killed mid-run
+    again = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "resume from " + str(run / "model_") in again.stdout
+    assert without_timing(read_metrics(run)) == without_timing(read_metrics(runs["fsdp"]))
 
 
 @pytest.mark.parametrize(
