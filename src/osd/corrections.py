@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from osd.projectors import COLS, CORRECTIONS, ROWS, project_back
+from osd.projectors import COLS, CORRECTIONS, ROWS, project_back, projected_layout
 from osd.shards import WHOLE, Whole
 
 __all__ = ["CORRECTIONS", "update"]
@@ -78,27 +78,19 @@ def update(
         dims, base = _ratio_dims(bases), g - project_back(g_projected.to(g.dtype), bases) * scale
     else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise
         dims, base = (_ratio_dims(bases) if kind == "apollo" else (-2, -1)), g
-    r_sharded = shard.sharded and ROWS not in bases  # R is m_i x r: this rank's rows
-    normalised = _norm(delta, dims, r_sharded, shard) / step_size
-    phi = normalised / (_norm(r.float(), dims, r_sharded, shard) + 1e-8)
+    r_rows = projected_layout(shard, bases)
+    normalised = r_rows.norm(delta, dim=dims, keepdim=True) / step_size
+    phi = normalised / (r_rows.norm(r.float(), dim=dims, keepdim=True) + 1e-8)
     term = _limited(base.float() * phi, state, shard).mul_(step_size)  # never in place: base may be G itself
     if kind == "fira":
         return project_back(delta.to(g.dtype), bases).mul_(scale).add_(term.to(g.dtype))
     return term.mul_(scale).to(g.dtype)
 
 
-def _norm(t: torch.Tensor, dims: tuple[int, ...], rows_sharded: bool, shard: Whole) -> torch.Tensor:
-    """The norm over ``dims`` (keepdim), summed over the ranks when it covers the rows of a
-    row-sharded ``t``."""
-    if not (rows_sharded and -2 in dims):
-        return torch.linalg.vector_norm(t, dim=dims, keepdim=True)
-    return shard.sum(torch.linalg.vector_norm(t, dim=dims, keepdim=True).square()).sqrt()
-
-
 def _limited(term: torch.Tensor, state: dict, shard: Whole = WHOLE) -> torch.Tensor:
     """Fira's norm-growth limiter: each matrix's ``term`` divided so that its norm grows at
     most ``LIMIT`` times per step; the limited norm is kept in ``state[NORM_KEY]``."""
-    norm = _norm(term, (-2, -1), shard.sharded, shard).view(-1)
+    norm = shard.norm(term, dim=(-2, -1))
     if NORM_KEY in state:
         limiter = (norm / (state[NORM_KEY] + 1e-8)).clamp_(min=LIMIT) / LIMIT
         term.div_(limiter.view(-1, 1, 1))

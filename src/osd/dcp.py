@@ -169,4 +169,4 @@ def load(path, model, optimizer) -> None:
     for p, name in names.items():
         if name in saved:
             values = {k: target[key] for k, key in saved[name].items()}
-            optimizer.state[p] = {k: v.to_local() if shards._is_dtensor(v) else v for k, v in values.items()}
+            optimizer.state[p] = {k: shards.local(v) for k, v in values.items()}

@@ -123,7 +123,7 @@ class Layerwise(torch.optim.Optimizer):
         layout = shards.layout([p])
         if "rank" not in group:
             if last:
-                opt.update([p], [self._clip(layout.local([p.grad])[0], layout)])
+                opt.update([p], [self._clip(shards.local(p.grad), layout)])
                 p.grad = None
             return
         g = opt.gradients([p], [p.grad])
@@ -134,8 +134,7 @@ class Layerwise(torch.optim.Optimizer):
         g_projected = opt.project([p], g)
         r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
         if last:  # r holds this rank's rows when only the right side is projected
-            rows = layout if projectors.ROWS not in state else shards.WHOLE
-            opt.finish([p], self._clip(r, rows), g, g_projected)
+            opt.finish([p], self._clip(r, projectors.projected_layout(layout, state)), g, g_projected)
         else:
             state["accum"] = r[0]
 
@@ -144,9 +143,7 @@ class Layerwise(torch.optim.Optimizer):
         ``g`` holds this rank's rows of a row-sharded ``layout``, whose norm sums over ranks."""
         if self.max_grad_norm is None:
             return g
-        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
-        if layout.sharded:
-            norm = layout.sum(norm.square()).sqrt()
+        norm = layout.norm(g, dtype=torch.float32)
         return g * (self.max_grad_norm / norm).clamp(max=1.0).to(g.dtype)
 
     def step(self, closure=None):

@@ -127,7 +127,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             flags = []
             for s in first:
                 shard = shards.layout(s)
-                flags.append(shard.all_true(torch.stack([torch.isfinite(g).all() for g in shard.local(_grads(s))])))
+                flags.append(shard.all_true(torch.stack([torch.isfinite(shards.local(p.grad)).all() for p in s])))
             self._check_finite([p for s in first for p in s], flags)
         for stack in stacks:
             self.update(stack, [p.grad for p in stack])
@@ -257,7 +257,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype
         (``k x m_i x n``, this rank's rows, for FSDP2-sharded parameters)."""
         group = self._stack_group(params)
-        grads = shards.layout(params).local(grads)
+        grads = [shards.local(g) for g in grads]
         dtype = projectors.proj_dtype(group, grads[0].dtype)
         return engine.stack_grads(grads, _matrix_shape(grads[0]), dtype)
 
@@ -313,7 +313,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule, projector = self.rule(group), projectors.from_group(group)
         states = [self.state[p] for p in params]
         shard = shards.layout(params)
-        params = shard.local(params)
+        params = [shards.local(p) for p in params]
         step = states[0]["step"]
         st = engine.stack_state(states)
         r = r.float()
@@ -322,9 +322,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             engine.add_new_state(states, st)
         lr = group["lr"]
         bases = _bases(st)
-        # R holds this rank's rows only when just the right side is projected (m_i x r)
-        rows = shard if projectors.ROWS not in bases else shards.WHOLE
-        delta = self.storage.update(rule, r, st, lr, step + 1, rows)
+        delta = self.storage.update(rule, r, st, lr, step + 1, projectors.projected_layout(shard, bases))
         decay = lr * group.get("weight_decay", 0.0)
         scale = group["scale"]
         correction = group.get("correction", "none")
@@ -388,7 +386,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         rule = self.rule(group)
         states = [self.state[p] for p in params]
         shard = shards.layout(params)  # a shard is a tensor to the rules (Adafactor sums over ranks)
-        params, grads = shard.local(params), shard.local(grads)
+        params, grads = [shards.local(p) for p in params], [shards.local(g) for g in grads]
         step = states[0].setdefault("step", 0)
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
         if self._fused_plain(group, params[0].dtype):
@@ -517,10 +515,6 @@ def _bases(state):
 def _matrix_shape(p) -> tuple[int, int]:
     """The m x n matrix the projectors see for a parameter (rows x the rest)."""
     return (p.shape[0], p.shape[1:].numel())
-
-
-def _grads(params) -> list:
-    return [p.grad for p in params]
 
 
 class AdamW(SubspaceOptimizer):

@@ -77,6 +77,12 @@ def project(g: torch.Tensor, bases: dict, shard: Whole = WHOLE) -> torch.Tensor:
     return g
 
 
+def projected_layout(shard: Whole, bases: dict) -> Whole:
+    """The layout of a projected gradient (and of the rule's state and update): this rank's
+    rows (``m_i x r``) when only the right side is projected, else whole (``r x n``, ``r x r``)."""
+    return shard if ROWS not in bases else WHOLE
+
+
 def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
     """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both."""
     if ROWS in bases:
@@ -283,9 +289,7 @@ class OnlinePCA:
             return self._step(g, projected, state, step, lr_ratio, shard)
 
     def _step(self, g, projected, state, step, lr_ratio, shard):
-        norm = torch.linalg.vector_norm(g, dim=(-2, -1), dtype=torch.float32)
-        if shard.sharded:
-            norm = shard.sum(norm.square()).sqrt()
+        norm = shard.norm(g, dim=(-2, -1), dtype=torch.float32)
         keep = ~(torch.isfinite(norm) & (norm > 0))  # skip this matrix's P step
         inv_norm = torch.where(keep, 0.0, norm.reciprocal()).view(-1, 1, 1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap

@@ -167,12 +167,7 @@ class Adafactor(_LrStepSize):
             v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
             delta = v.rsqrt().mul_(g)
         dims = _per_tensor_dims(delta)
-        if shard.sharded:  # over all ranks' rows: the RMS of the whole tensor
-            numel = shard.m * math.prod(delta.shape[2:])
-            square = torch.linalg.vector_norm(delta, dim=dims, keepdim=True).square_()
-            rms = shard.sum(square).sqrt_() / math.sqrt(numel)
-        else:
-            rms = torch.linalg.vector_norm(delta, dim=dims, keepdim=True) / math.sqrt(delta[0].numel())
+        rms = shard.norm(delta, dim=dims, keepdim=True) / math.sqrt(shard.numel(delta))
         delta.div_((rms / self.clip_threshold).clamp_(min=1.0)).mul_(lr)
         if self.beta1 is not None:
             m = storage.load(state, "exp_avg")

@@ -26,6 +26,9 @@ The layout of a stack is read from its parameters (:func:`layout`); this module 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 
@@ -33,10 +36,6 @@ class Whole:
     """Whole matrices: every sum is already complete."""
 
     sharded = False
-
-    def local(self, tensors: list) -> list[torch.Tensor]:
-        """The tensors this rank computes with (a DTensor's local tensor, a view)."""
-        return [_local(t) for t in tensors]
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t``, a partial sum over this rank's rows, summed over all ranks (in place)."""
@@ -58,6 +57,15 @@ class Whole:
         """The whole matrices' row count, from a stack ``g`` of this rank's rows."""
         return g.shape[-2]
 
+    def numel(self, t: torch.Tensor) -> int:
+        """The element count of each whole tensor of the stack ``t`` (over every rank's rows)."""
+        return t[0].numel()
+
+    def norm(self, t: torch.Tensor, dim=None, keepdim: bool = False, dtype=None) -> torch.Tensor:
+        """``torch.linalg.vector_norm`` of ``t`` (this rank's rows: dimension 1 of a stack)
+        over ``dim`` (all by default), taken over every rank's rows when it covers them."""
+        return torch.linalg.vector_norm(t, dim=dim, keepdim=keepdim, dtype=dtype)
+
 
 WHOLE = Whole()
 
@@ -75,12 +83,6 @@ class Rows(Whole):
         self.chunk = -(-m // self.world)  # torch.chunk's split: ceil(m / world) rows a rank
         self.start = min(m, self.rank * self.chunk)
         self.stop = min(m, self.start + self.chunk)
-
-    def __eq__(self, other):
-        return isinstance(other, Rows) and (self.group, self.m) == (other.group, other.m)
-
-    def __hash__(self):
-        return hash((id(self.group), self.m))
 
     def sum(self, t):
         import torch.distributed as dist
@@ -111,8 +113,25 @@ class Rows(Whole):
     def num_rows(self, g):
         return self.m
 
+    def numel(self, t):
+        return self.m * math.prod(t.shape[2:])
 
-def _local(t):
+    def norm(self, t, dim=None, keepdim=False, dtype=None):
+        n = torch.linalg.vector_norm(t, dim=dim, keepdim=keepdim, dtype=dtype)
+        dims = range(t.dim()) if dim is None else [d % t.dim() for d in (dim if isinstance(dim, tuple) else (dim,))]
+        if dim is not None and 1 not in dims:  # the rows are not summed over: a local norm
+            return n
+        return self.sum(n.square()).sqrt()
+
+
+@functools.cache
+def _rows(group, m: int) -> Rows:
+    """One :class:`Rows` per (process group, row count): a step asks for it several times."""
+    return Rows(group, m)
+
+
+def local(t):
+    """The tensor this rank computes with: a DTensor's local tensor (a view), else ``t``."""
     return t.to_local() if _is_dtensor(t) else t
 
 
@@ -139,8 +158,7 @@ def layout(params: list) -> Whole:
             f"(torch.distributed.fsdp.fully_shard's default) or replicated; got placements {placements} "
             f"for a parameter of shape {tuple(p.shape)}"
         )
-    mesh = p.device_mesh
-    return Rows(mesh.get_group(), p.shape[0])
+    return _rows(p.device_mesh.get_group(), p.shape[0])
 
 
 def row_sharded(keys, key: str, ndim: int) -> bool:

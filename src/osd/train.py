@@ -594,7 +594,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
 
     def save():
         # one host read per save: a checkpoint is only written from finite weights
-        finite = torch.stack([torch.isfinite(p).all() for p in shards.WHOLE.local(list(model.parameters()))]).all()
+        finite = torch.stack([torch.isfinite(shards.local(p)).all() for p in model.parameters()]).all()
         if not bool(dist.sum([0.0 if finite else 1.0])[0] == 0):
             raise Diverged(f"non-finite weights after step {step}: not saved; {last_checkpoint()}")
         meta = {"step": step, **run_identity(args), "run": args.name, "flags": training_flags(args)}
