@@ -4,7 +4,8 @@
 # bench/throughput.py (tokens/s against torch AdamW(fused=True) at llama_60m/350m/1b, with a
 # torch.profiler summary), bench/step.py on CUDA (the optimizer step alone, 60m),
 # bench/svd.py (exact against randomized SVD), bench/eightbit.py (8-bit update backends) and
-# bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]).
+# bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]); opt-in
+# with STAGES=glue: bench/glue.py --preset gpu (480 s; issue [6]; needs the shared data, see below).
 # One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
 # (560 s on 2026-11-26) and STAGES="svd eightbit fsdp". The throughput rows are written after each
 # row, so a timeout keeps what finished; rerun the rest with bench/throughput.py --sizes
@@ -97,6 +98,21 @@ if has fsdp && [ $DRY = 0 ]; then
   stage "bench/distributed.py ${FSDP_ARGS[*]}"
   # its table goes to summary.md only (the device tool brings back at most 8 files)
   timeout 180 $PY bench/distributed.py "${FSDP_ARGS[@]}" --out "$(mktemp -d)" 2>&1 | grep "^|" | tee -a "$OUT/summary.md"
+fi
+
+# GLUE fine-tuning ([6]), opt-in (STAGES=glue): bench/glue.py --preset gpu (480 s). It needs
+# transformers, peft, scikit-learn and scipy, and the shared MiniLM and GLUE data under
+# $OSD_SHARED_DATA (default ../shared/data): the device tool cannot carry the 88 MB model.
+if has glue && [ $DRY = 0 ]; then  # (minutes of runs on a CPU)
+  GLUE_DATA=${OSD_SHARED_DATA:-../shared/data}
+  if $PY -c "import transformers, peft, sklearn, scipy" 2>/dev/null && [ -d "$GLUE_DATA/glue" ] \
+    && [ -d "$GLUE_DATA/models/all-MiniLM-L6-v2" ]; then
+    stage "bench/glue.py --preset gpu"
+    OSD_SHARED_DATA=$GLUE_DATA timeout 480 $PY bench/glue.py --preset gpu --time_limit 420 --out "$(mktemp -d)" 2>&1 \
+      | grep -v "^\[" | tail -n 14 | tee -a "$OUT/summary.md"
+  else
+    stage "glue skipped: needs transformers, peft, scikit-learn, scipy and $GLUE_DATA/{glue,models/all-MiniLM-L6-v2}"
+  fi
 fi
 
 stage "done"

@@ -4,6 +4,7 @@ BERT/RoBERTa, bad input (one line, exit 2, nothing written), and a smoke run on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from glue_fixtures import write_glue, write_model
 
 from osd import glue
@@ -159,6 +161,33 @@ def test_overwrite_and_plain_optimizer(fx, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+def test_device_and_bf16(fx, tmp_path):
+    """--device cpu is the default here, bitwise; --bf16 autocast trains to a finite, different loss."""
+    results = {}
+    for name, flags in {"auto": {}, "cpu": {"device": "cpu"}, "bf16": {"bf16": True}}.items():
+        assert glue.main(argv(fx, tmp_path / name, save_model=None, **flags) + ["--no-save_model"]) == 0
+        results[name] = json.loads((tmp_path / name / "eval_results.json").read_text())
+        config = json.loads((tmp_path / name / "run_config.json").read_text())
+        assert config["device"] == "cpu" and config["bf16"] == (name == "bf16")
+    assert results["auto"] == {**results["cpu"], "train_seconds": results["auto"]["train_seconds"]}
+    assert (
+        math.isfinite(results["bf16"]["train_loss"]) and results["bf16"]["train_loss"] != results["cpu"]["train_loss"]
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(fx, tmp_path):
+    """The same seeded run on CUDA and on the CPU (fp32): the same steps, losses within 1e-3."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert glue.main(argv(fx, out, device=device, save_model=None) + ["--no-save_model"]) == 0
+        results[device] = json.loads((out / "eval_results.json").read_text())
+    assert results["cuda"]["train_steps"] == results["cpu"]["train_steps"]
+    assert results["cuda"]["train_loss"] == pytest.approx(results["cpu"]["train_loss"], rel=1e-3)
+
+
 def bad(fx, tmp_path, capsys, *extra, **flags):
     out = tmp_path / "out"
     code = glue.main(argv(fx, out, **flags) + list(extra))
@@ -185,6 +214,9 @@ def bad(fx, tmp_path, capsys, *extra, **flags):
         ({"max_length": 500}, "--max_length 500 exceeds the model's 160 positions"),
         ({"target_modules": "decoder"}, "--target_modules decoder: no nn.Linear module name contains"),
         ({"task_name": "qnli"}, "no QNLI/train.tsv (nor train.tsv) for this task"),
+        ({"device": "gpu0"}, "unknown --device 'gpu0'; valid: auto, cpu, cuda, cuda:N"),
+        ({"device": "meta"}, "--device meta: only cpu and cuda are supported"),
+        ({"device": "cuda:64"}, "--device cuda:64: torch sees"),
     ],
 )
 def test_bad_input(fx, tmp_path, capsys, flags, message):

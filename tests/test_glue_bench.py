@@ -81,6 +81,15 @@ def test_each_task_picks_its_own_lr(bench, data):
     assert chosen == {"galore-r4/cola": lrs[0], "galore-r4/sst2": lrs[1]}
 
 
+def test_time_limit_stops_starting_runs(bench, data, capsys):
+    calls = []
+    argv = ["--out", str(data / "out"), "--model", str(data / "model"), "--tasks", "sst2", "--time_limit", "0"]
+    assert bench.main(argv, run=fake_run(bench, calls)) == 0
+    assert calls == [] and "--time_limit 0 s reached: no more runs" in capsys.readouterr().out
+    assert json.loads((data / "out" / "results.json").read_text())["runs"] == []
+    assert "| osd-r8 | - | - | - |" in (data / "out" / "table.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="global grad-norm clipping (*_per_layer: each parameter's); 0: off",
     )
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is one)")
+    flag("--bf16", help="bfloat16 autocast for the forward passes (weights, gradients, optimizer state stay fp32)")
     flag("--eval_each_epoch", default=True, help="evaluate after every epoch (the last one always)")
     # optimizer (osd-train's strings)
     p.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(cli_options.optimizer_names())}")
@@ -226,8 +228,24 @@ def resolve(argv) -> argparse.Namespace:
     args.target_modules = tuple(t for t in args.target_modules.split(",") if t.strip())
     if not args.target_modules:
         raise UsageError("--target_modules is empty")
+    args.device = resolve_device(args.device)
     check_output_dir(args)
     return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto is cuda when torch sees one, else cpu; a cuda device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_output_dir(args) -> None:
@@ -515,9 +533,17 @@ def prepare(argv, log=print):
             raise UsageError(f"--target_modules {','.join(args.target_modules)}: {e}") from None
         matrices = []
     args.target_parameters = sum(p.numel() for p in matrices)
+    model.to(args.device)
     if args.pad_to_max_length and tokenizer.pad_token_id is None:
         raise UsageError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has no pad token")
     return args, splits, model, tokenizer
+
+
+def forward(model, inputs: dict, args):
+    """``model(**inputs)`` on ``args.device``, under bfloat16 autocast with ``--bf16``."""
+    inputs = {k: v.to(args.device, non_blocking=True) for k, v in inputs.items()}
+    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        return model(**inputs)
 
 
 def evaluate(model, examples, args, pad_id, regression):
@@ -526,7 +552,7 @@ def evaluate(model, examples, args, pad_id, regression):
     with torch.no_grad():
         for i in range(0, len(examples), args.per_device_eval_batch_size):
             batch = collate(examples[i : i + args.per_device_eval_batch_size], pad_id)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            logits = forward(model, {k: v for k, v in batch.items() if k != "labels"}, args).logits.float()
             preds += logits.squeeze(-1).tolist() if regression else logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
     model.train()
@@ -597,7 +623,7 @@ def run(argv, build_optimizer=None, log=print) -> dict:
                 loss_sum = 0.0
                 for ix in group:
                     inputs = collate([train_examples[i] for i in ix], pad_id, length)
-                    loss = model(**inputs).loss * (len(ix) / n)
+                    loss = forward(model, inputs, args).loss * (len(ix) / n)
                     if not torch.isfinite(loss):
                         raise Diverged(f"the training loss became {loss.item()} at step {step}: lower --learning_rate")
                     loss.backward()
