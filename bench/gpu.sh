@@ -5,7 +5,8 @@
 # torch.profiler summary), bench/step.py on CUDA (the optimizer step alone, 60m),
 # bench/svd.py (exact against randomized SVD), bench/eightbit.py (8-bit update backends) and
 # bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]); opt-in
-# with STAGES=glue: bench/glue.py --preset gpu (480 s; issue [6]; needs the shared data, see below).
+# with STAGES=glue: bench/glue.py --preset gpu (480 s; issue [6]; needs the shared data, see below)
+# and STAGES=quality: bench/quality.py --preset gpu (540 s; issue [5/5]; after --prepare-quality).
 # One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
 # (560 s on 2026-11-26) and STAGES="svd eightbit fsdp". The throughput rows are written after each
 # row, so a timeout keeps what finished; rerun the rest with bench/throughput.py --sizes
@@ -32,6 +33,32 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   exit 0
 fi
 
+if [ "${1:-}" = "--prepare-quality" ]; then
+  # bench/quality.py --preset gpu's inputs for the device machine, in .gpudata/ (git-ignored, about
+  # 25 MB; carry [".gpudata"] alone: with .whl's bitsandbytes it passes the 64 MiB limit, so
+  # galore-torch, which imports bitsandbytes, is left out there): the first 30,000 blogs training
+  # documents (the stream of 25,600 that 800 steps x 32 read, through the trainer's 1000-document
+  # shuffle buffer, is the full file's), the validation file, the t5-base tokenizer, and the wheels
+  # of torchao and pytorch-optimizer.
+  SHARED=${OSD_SHARED_DATA:-../shared/data}
+  mkdir -p .gpudata/whl
+  chmod -R u+w .gpudata
+  python3 - "$SHARED/blogs/blogs-train.jsonl.gz" .gpudata/blogs-train.jsonl.gz <<'PY' || exit 1
+import gzip, itertools, sys
+with gzip.open(sys.argv[1], "rt") as src, gzip.open(sys.argv[2], "wt") as dst:
+    dst.writelines(itertools.islice(src, 30000))
+PY
+  rm -rf .gpudata/t5-base .gpudata/blogs-validation.jsonl.gz
+  cp "$SHARED/blogs/blogs-validation.jsonl.gz" .gpudata/ && cp -r "$SHARED/tokenizers/t5-base" .gpudata/ || exit 1
+  chmod -R u+w .gpudata
+  for pkg in torchao==0.18.0 pytorch_optimizer==4.1.0; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpudata/whl "$pkg" || exit 1
+  done
+  du -sh .gpudata
+  exit 0
+fi
+
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ $DRY = 1 ]; then
@@ -39,11 +66,13 @@ if [ $DRY = 1 ]; then
   [ -x "$PY" ] || { make venv >/dev/null && PY=.venv/bin/python; }
 else
   PY=${PY:-python3}
-  if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      || echo "warning: wheels in .whl did not install"
-    export PYTHONPATH=/tmp/site
-  fi
+  for wheels in .whl .gpudata/whl; do
+    if [ -d $wheels ]; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels/*.whl \
+        || echo "warning: wheels in $wheels did not install"
+      export PYTHONPATH=/tmp/site
+    fi
+  done
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$OUT"
@@ -98,6 +127,27 @@ if has fsdp && [ $DRY = 0 ]; then
   stage "bench/distributed.py ${FSDP_ARGS[*]}"
   # its table goes to summary.md only (the device tool brings back at most 8 files)
   timeout 180 $PY bench/distributed.py "${FSDP_ARGS[@]}" --out "$(mktemp -d)" 2>&1 | grep "^|" | tee -a "$OUT/summary.md"
+fi
+
+# Training quality ([5/5]), opt-in (STAGES=quality, 540 s): bench/quality.py --preset gpu on the
+# inputs that --prepare-quality put in .gpudata (carry [".gpudata"]). Finished runs stay in
+# /tmp/osd-quality-gpu: the same call again on the still-warm machine continues; what finished is
+# reported each time (results.md, the two plots and results.json under $OUT/quality).
+if has quality && [ $DRY = 0 ]; then
+  if [ -f .gpudata/blogs-train.jsonl.gz ]; then
+    Q_METHODS=$($PY -c "import sys; sys.path.insert(0, 'bench'); import quality as q; print(','.join(k for k in q.MAIN_METHODS if q.available(k)))")
+    stage "bench/quality.py --preset gpu --methods $Q_METHODS"
+    timeout 540 $PY bench/quality.py --preset gpu --methods "$Q_METHODS" --out /tmp/osd-quality-gpu \
+      --train_data .gpudata/blogs-train.jsonl.gz --eval_data .gpudata/blogs-validation.jsonl.gz \
+      --tokenizer .gpudata/t5-base 2>&1 | grep -v "^ *eval loss\|: training" | tail -n 30 | tee -a "$OUT/summary.md"
+    mkdir -p "$OUT/quality"
+    for f in results.md results.json eval_loss.png pareto.png; do
+      [ -f /tmp/osd-quality-gpu/$f ] && cp /tmp/osd-quality-gpu/$f "$OUT/quality/"
+    done
+    ls /tmp/osd-quality-gpu/runs 2>/dev/null | wc -l | sed 's/^/finished or started runs: /' | tee -a "$OUT/summary.md"
+  else
+    stage "quality skipped: run 'bash bench/gpu.sh --prepare-quality' here first and carry .gpudata"
+  fi
 fi
 
 # GLUE fine-tuning ([6]), opt-in (STAGES=glue): bench/glue.py --preset gpu (480 s). It needs

@@ -24,7 +24,8 @@ External optimizers (galore-torch, pytorch-optimizer) reach the trainer through
 ``train.run(argv, build_optimizer=...)``; all methods project the same matrices (attention
 and MLP weights, ``osd.param_groups``), everything else is plain AdamW-style state.
 
-Presets (flags below override single fields):
+Presets (flags below override single fields; the data default: blogs for gpu/cpu, the C4
+sample otherwise):
 
 * ``default``: llama_20m, seq 256 (truncate-and-pad), batch 16, 112 steps (about one pass
   over the 1,800 train documents), warmup 10%, cosine to 10%, ranks 64 and 128, seeds 0 and
@@ -37,7 +38,21 @@ Presets (flags below override single fields):
   0, 20, 40), 3 evaluations on 8,192 validation tokens, one torch thread. About 50 minutes
   on a 2-core CPU (48 runs).
 
-In both presets online PCA's P lr follows the reference rule (1/200) * lr_t/lr_0 (its
+* ``gpu`` (issue [5/5]'s protocol, for one device call of at most 8 minutes on one H100, an
+  estimate: it has not run yet): the blogs data (``../shared/data/blogs``), llama_60m, seq
+  256, batch 32, 800 steps (about 5.1M non-pad tokens; blogs documents average 200 tokens of
+  256), bf16, rank 128, seeds 0 and 1, every method but the ablations (14). First a
+  160-step lr-selection run per method and lr of its grid of 3 (seed 0), then both seeds at
+  the lr with the lowest selection loss: 42 + 28 runs, 4 at a time (``--jobs``).
+  ``bash bench/gpu.sh --prepare-quality`` then ``STAGES=quality bash bench/gpu.sh`` on the
+  device (see bench/gpu.sh).
+* ``cpu``: the same protocol scaled to this 2-core CPU (estimated at about 100 minutes, 2
+  runs at a time on one thread each): llama_9m, seq 128, batch 16, 150 steps (about 285k
+  non-pad tokens, 18 times fewer than gpu, with a model 7 times smaller), fp32, rank 32
+  (1/4 of the width, as 128 of 512), 40-step selection runs, 13 methods (OSD with Lion on P
+  left out): 39 + 26 runs.
+
+In every preset online PCA's P lr follows the reference rule (1/200) * lr_t/lr_0 (its
 ``update_proj_gap`` only sets that lr). Seeds change the initial weights; the data order is
 the same for every run (the trainer's shuffle seed 42).
 
@@ -57,6 +72,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import math
 import os
@@ -104,8 +120,53 @@ PRESETS = {
         lr_grid=False,
         threads=1,  # a shared 2-core machine: 2 threads slow down ~10x when another process computes
     ),
+    # [5/5]'s protocol on the blogs data: a short lr-selection run per method and lr (seed 0,
+    # the first rank), then every seed at the chosen lr; both leave the unigram plateau
+    "gpu": dict(
+        model_config="llama_60m",
+        max_length=256,
+        batch_size=32,
+        num_training_steps=800,  # about 5.1M non-pad tokens (blogs documents average 200 of 256)
+        eval_every=200,
+        eval_tokens=524_288,
+        update_proj_gap=200,
+        ranks=[128],
+        seeds=[0, 1],
+        lr_grid=True,
+        select_steps=160,
+        dtype="bfloat16",
+        jobs=4,  # runs at once on the one GPU (a 60m model leaves most of an H100 idle)
+        threads=None,
+        data="blogs",
+    ),
+    "cpu": dict(
+        model_config="llama_9m",
+        max_length=128,
+        batch_size=16,
+        num_training_steps=150,  # about 285k non-pad tokens
+        eval_every=50,
+        eval_tokens=32_768,
+        update_proj_gap=50,
+        ranks=[32],
+        seeds=[0, 1],
+        lr_grid=True,
+        select_steps=40,
+        exclude=["osd_lion"],  # from the default methods: 13 left, 39 selection + 26 full runs
+        jobs=2,  # one run per core, one thread each
+        threads=1,
+        data="blogs",
+    ),
 }
-OUT_DEFAULT = {"default": "bench/out/quality", "quick": "bench/out/quality-quick"}
+OUT_DEFAULT = {
+    "default": "bench/out/quality",
+    "quick": "bench/out/quality-quick",
+    "gpu": "bench/out/quality-gpu",
+    "cpu": "bench/out/quality-cpu",
+}
+DATA_FILES = {
+    "c4": ("c4-sample/c4-sample-train.json.gz", "c4-sample/c4-sample-validation.json.gz"),
+    "blogs": ("blogs/blogs-train.jsonl.gz", "blogs/blogs-validation.jsonl.gz"),
+}
 
 
 # --------------------------------------------------------------------------- methods
@@ -186,13 +247,19 @@ METHODS = [
     Method("osd_retract", "OSD + QR every 10", 1e-2, flags=_osd("continuous", retract_every=10), ablation=True),
 ]
 BY_KEY = {m.key: m for m in METHODS}
+MAIN_METHODS = [m.key for m in METHODS if not m.ablation]  # the gpu and cpu presets' default
 NEEDS = {"galore_ref": "galore_torch", "apollo": "pytorch_optimizer", "fira": "pytorch_optimizer"}
 
 
 def available(key: str) -> bool:
-    import importlib.util
-
-    return key not in NEEDS or importlib.util.find_spec(NEEDS[key]) is not None
+    """Whether ``key``'s package imports (galore-torch also needs bitsandbytes at import)."""
+    if key not in NEEDS:
+        return True
+    try:
+        importlib.import_module(NEEDS[key])
+    except ImportError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- one run
@@ -226,13 +293,15 @@ def matrix_params(model) -> list:
     return osd.param_groups(model, 1)[1]["params"]
 
 
-def run_spec(method: Method, rank, seed, lr, cfg) -> dict:
-    """Everything that decides a run's result: a stored result is reused only if equal."""
+def run_spec(method: Method, rank, seed, lr, cfg, select: bool = False) -> dict:
+    """Everything that decides a run's result: a stored result is reused only if equal.
+    ``select``: the short lr-selection run (``cfg["select_steps"]`` steps, one evaluation)."""
     flags = dict(method.flags) if method.factory is None else _osd("std")  # recorded only, for externals
     if method.key == "osd_orth":
         flags["proj_lr"] = 5 * lr
     online_pca = method.factory is None and flags.get("proj_type", "").startswith("continuous")
-    return dict(
+    steps = cfg["select_steps"] if select else cfg["num_training_steps"]
+    spec = dict(
         method=method.key,
         rank=rank,
         seed=seed,
@@ -242,20 +311,26 @@ def run_spec(method: Method, rank, seed, lr, cfg) -> dict:
         model_config=cfg["model_config"],
         max_length=cfg["max_length"],
         batch_size=cfg["batch_size"],
-        num_training_steps=cfg["num_training_steps"],
-        warmup_steps=max(1, cfg["num_training_steps"] // 10),
-        eval_every=cfg["eval_every"],
+        num_training_steps=steps,
+        warmup_steps=max(1, steps // 10),
+        eval_every=steps if select else cfg["eval_every"],
         eval_tokens=cfg["eval_tokens"],
         update_proj_gap=OSD_PROJ_GAP if online_pca else cfg["update_proj_gap"],
         train_data=str(cfg["train_data"]),
         eval_data=str(cfg["eval_data"]),
         tokenizer=str(cfg["tokenizer"]),
     )
+    if cfg.get("dtype", "float32") != "float32":  # absent from the fp32 presets' specs: their runs stay reusable
+        spec["dtype"] = cfg["dtype"]
+    if select:
+        spec["stage"] = "select"
+    return spec
 
 
 def run_id(spec) -> str:
     rank = f"-r{spec['rank']}" if spec["rank"] else ""
-    return f"{spec['method']}{rank}-lr{spec['lr']:g}-s{spec['seed']}"
+    stage = "select-" if spec.get("stage") == "select" else ""
+    return f"{stage}{spec['method']}{rank}-lr{spec['lr']:g}-s{spec['seed']}"
 
 
 def trainer_argv(spec, save_dir) -> list[str]:
@@ -272,7 +347,7 @@ def trainer_argv(spec, save_dir) -> list[str]:
         eval_tokens=spec["eval_tokens"],
         lr=spec["lr"],
         seed=spec["seed"],
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         save_every=10**9,  # the trainer still saves once, at the last step
         keep_checkpoints=1,
         log_every=10**9,
@@ -374,16 +449,37 @@ def _done(out: Path, spec) -> bool:
     return load_result(out / "runs" / run_id(spec), spec) is not None
 
 
-def plan(cfg, methods) -> list[tuple[Method, int | None, int, float]]:
+def plan(cfg, methods, chosen: dict | None = None) -> list[tuple[Method, int | None, int, float]]:
     """(method, rank, seed, lr) of every run, AdamW first within each seed (the baseline of
-    the step-time ratios)."""
+    the step-time ratios): each lr of the grid, the literature's lr, or the ``chosen`` one."""
     runs = []
     for seed in cfg["seeds"]:
         for m in methods:
             for rank in cfg["ranks"] if m.subspace else [None]:
-                for lr in m.lr_grid() if cfg["lr_grid"] else [m.lr]:
+                if chosen is not None:
+                    lrs = [chosen[m.key]]
+                else:
+                    lrs = m.lr_grid() if cfg["lr_grid"] else [m.lr]
+                for lr in lrs:
                     runs.append((m, rank, seed, lr))
     return runs
+
+
+def selection_plan(cfg, methods) -> list[tuple[Method, int | None, int, float]]:
+    """The lr-selection runs: every lr of each method's grid, first seed, first rank."""
+    seed, rank = cfg["seeds"][0], cfg["ranks"][0]
+    return [(m, rank if m.subspace else None, seed, lr) for m in methods for lr in m.lr_grid()]
+
+
+def choose_lrs(results) -> dict[str, float]:
+    """Each method's lr with the lowest final eval loss among its selection runs (a diverged
+    run never wins; if all diverged, the grid's lowest lr)."""
+    best = {}
+    for r in results:
+        key, lr, loss = r["spec"]["method"], r["spec"]["lr"], _finite(r["final_eval_loss"])
+        if key not in best or (loss, lr) < best[key]:
+            best[key] = (loss, lr)
+    return {key: lr for key, (_, lr) in best.items()}
 
 
 def _finite(loss: float) -> float:
@@ -394,8 +490,9 @@ def spread(values):
     return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
-def aggregate(cfg, methods, results) -> list[dict]:
-    """One row per (method, rank): the lr with the lowest mean final eval loss over seeds."""
+def aggregate(cfg, methods, results, selection=()) -> list[dict]:
+    """One row per (method, rank): the lr with the lowest mean final eval loss over seeds
+    (with a selection stage only the chosen lr ran; ``lr_selection`` holds its runs' losses)."""
     baseline = {r["spec"]["seed"]: r["step_time_s"] for r in results if r["spec"]["method"] == "adamw"}
     rows = []
     for m in methods:
@@ -425,6 +522,11 @@ def aggregate(cfg, methods, results) -> list[dict]:
                     ablation=m.ablation,
                     lr=lr,
                     lr_grid={f"{k:g}": v for k, v in grid.items()},
+                    lr_selection={
+                        f"{r['spec']['lr']:g}": r["final_eval_loss"]
+                        for r in sorted(selection, key=lambda r: r["spec"]["lr"])
+                        if r["spec"]["method"] == m.key
+                    },
                     seeds=[r["spec"]["seed"] for r in runs],
                     eval_loss=losses,
                     eval_loss_mean=statistics.mean(losses),
@@ -488,13 +590,22 @@ def data_names(summary) -> tuple[str, str]:
     )
 
 
+def _lr_protocol(p) -> str:
+    if p.get("select_steps"):
+        return (
+            f"per method from a grid of 3 by a {p['select_steps']}-step selection run (seed {p['seeds'][0]}, "
+            f"rank {p['ranks'][0]}), then every seed and rank at the chosen lr"
+        )
+    return "chosen from a grid of 3 per method" if p["lr_grid"] else "one per method (literature), no grid"
+
+
 def markdown(summary) -> str:
     p = summary["protocol"]
     train_name, eval_name = data_names(summary)
     out = [
         f"Preset `{p['preset']}`: {p['model_config']}, seq {p['max_length']}, batch {p['batch_size']}, "
         f"{p['num_training_steps']} steps ({p['tokens']:,} non-pad training tokens), seeds "
-        f"{', '.join(map(str, p['seeds']))}, lr {'chosen from a grid of 3 per method' if p['lr_grid'] else 'one per method (literature), no grid'}. "
+        f"{', '.join(map(str, p['seeds']))}, {p.get('dtype', 'float32')}, lr {_lr_protocol(p)}. "
         f"Data: {train_name} (training), {eval_name} (evaluation). "
         f"Eval loss: token-weighted mean on {eval_name}; +- is half the min-max range over seeds. "
         "State, matrices: optimizer state of the attention and MLP weights (what the subspace methods project); "
@@ -518,7 +629,13 @@ def markdown(summary) -> str:
         out.append(
             f"| {r['label']} | {r['rank'] or 'full'} | {r['lr']:g} | {loss} | {_mib(r['matrix_state_bytes']):.2f} | {_mib(r['state_bytes']):.2f} | {ratio} |"
         )
-    if p["lr_grid"]:
+    if p.get("select_steps"):
+        out += ["", f"lr selection (final eval loss after {p['select_steps']} steps, seed {p['seeds'][0]}):", ""]
+        for r in summary["rows"]:
+            if r["rank"] in (None, p["ranks"][0]):
+                grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["lr_selection"].items())
+                out.append(f"- {r['label']}: {grid}; chosen {r['lr']:g}")
+    elif p["lr_grid"]:
         out += ["", "lr grid (mean final eval loss over seeds):", ""]
         for r in summary["rows"]:
             grid = ", ".join(f"{k}: {v:.3f}" for k, v in r["lr_grid"].items())
@@ -629,37 +746,38 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", choices=list(PRESETS), default="default", help="protocol (default: %(default)s)")
-    p.add_argument("--out", type=Path, help="output dir (default: bench/out/quality, quick: bench/out/quality-quick)")
+    p.add_argument(
+        "--out", type=Path, help="output dir (default: bench/out/quality-PRESET; default: bench/out/quality)"
+    )
     p.add_argument(
         "--train_data",
-        default=str(DATA / "c4-sample/c4-sample-train.json.gz"),
-        help="training documents (default: ../shared/data/c4-sample/c4-sample-train.json.gz from the repo)",
+        help="training documents (default: ../shared/data/blogs/blogs-train.jsonl.gz for gpu/cpu, "
+        "../shared/data/c4-sample/c4-sample-train.json.gz otherwise)",
     )
-    p.add_argument(
-        "--eval_data",
-        default=str(DATA / "c4-sample/c4-sample-validation.json.gz"),
-        help="evaluation documents (default: ../shared/data/c4-sample/c4-sample-validation.json.gz)",
-    )
+    p.add_argument("--eval_data", help="evaluation documents (default: the same folder's validation file)")
     p.add_argument(
         "--tokenizer",
         default=str(DATA / "tokenizers/t5-base"),
         help="tokenizer dir (default: ../shared/data/tokenizers/t5-base)",
     )
-    p.add_argument("--methods", default=",".join(m.key for m in METHODS), help="comma-separated (default: all)")
+    p.add_argument("--methods", help="comma-separated (default: gpu/cpu every method but the ablations; others all)")
     p.add_argument("--ranks", help="comma-separated subspace ranks (preset's by default)")
     p.add_argument("--seeds", help="comma-separated seeds (preset's by default)")
     for key in ("model_config", "max_length", "batch_size", "num_training_steps", "eval_every", "eval_tokens"):
         p.add_argument(f"--{key}", type=str if key == "model_config" else int, help="overrides the preset")
     p.add_argument("--update_proj_gap", type=int, help="SVD/random refresh gap (overrides the preset)")
+    p.add_argument("--select_steps", type=int, help="steps of the lr-selection runs (gpu/cpu presets; 0: none)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="training dtype (overrides the preset)")
     p.add_argument("--threads", type=int, help="torch threads (default: quick 1, default torch's choice)")
     p.add_argument("--dry_run", action="store_true", help="list the runs and exit")
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
-        help="runs at a time, each in its own process (for a GPU; step-time ratios are then not comparable)",
+        help="runs at a time, each in its own process (default: gpu 4, cpu 2, others 1; step-time ratios "
+        "are then not comparable)",
     )
     p.add_argument("--shard", help=argparse.SUPPRESS)  # K/N: train every N-th run from K, no report
+    p.add_argument("--stage", choices=["select", "full"], help=argparse.SUPPRESS)  # a shard's stage
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset], preset=args.preset)
     for key in ("model_config", "max_length", "batch_size", "num_training_steps", "eval_every", "eval_tokens"):
@@ -669,12 +787,29 @@ def parse_args(argv=None):
         cfg["threads"] = args.threads
     if args.update_proj_gap is not None:
         cfg["update_proj_gap"] = args.update_proj_gap
+    if args.select_steps is not None:
+        if args.select_steps < 0:
+            p.error("--select_steps must be >= 0")
+        cfg["select_steps"] = args.select_steps or None
+    if cfg.get("select_steps") and not cfg["lr_grid"]:
+        p.error(f"--select_steps: the {args.preset} preset has no lr grid to select from")
+    if args.dtype:
+        cfg["dtype"] = args.dtype
     if args.ranks:
         cfg["ranks"] = [int(x) for x in args.ranks.split(",")]
     if args.seeds:
         cfg["seeds"] = [int(x) for x in args.seeds.split(",")]
-    cfg.update(train_data=args.train_data, eval_data=args.eval_data, tokenizer=args.tokenizer)
-    keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+    train_file, eval_file = DATA_FILES[cfg.get("data", "c4")]
+    if args.train_data and not args.eval_data:
+        p.error("--train_data needs --eval_data")
+    cfg.update(
+        train_data=args.train_data or str(DATA / train_file),
+        eval_data=args.eval_data or str(DATA / eval_file),
+        tokenizer=args.tokenizer,
+    )
+    default_methods = MAIN_METHODS if cfg.get("data") == "blogs" else [m.key for m in METHODS]
+    default_methods = [k for k in default_methods if k not in cfg.get("exclude", [])]
+    keys = [k.strip() for k in (args.methods or ",".join(default_methods)).split(",") if k.strip()]
     unknown = [k for k in keys if k not in BY_KEY]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(BY_KEY)}")
@@ -683,6 +818,7 @@ def parse_args(argv=None):
         p.error(
             f"{', '.join(missing)} need(s) {', '.join(sorted({NEEDS[k] for k in missing}))}: pip install '.[bench]'"
         )
+    args.jobs = cfg.get("jobs", 1) if args.jobs is None else args.jobs
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     if args.shard:
@@ -700,8 +836,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     cfg, methods, out = args.cfg, args.method_list, args.out
-    if args.jobs > 1 and not args.dry_run:
-        _run_shards(argv, args.jobs)
+    if args.jobs > 1 and not args.dry_run and not args.shard:
+        stages = ["select", "full"] if cfg.get("select_steps") else ["full"]
+        for stage in stages:  # the full runs need every selection run's result
+            _run_shards(argv, args.jobs, stage)
     threads = torch.get_num_threads()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -711,35 +849,29 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run_shards(argv: list[str], jobs: int) -> None:
-    """Train every run in ``jobs`` processes at once; the caller then reports (all reused)."""
-    base = [sys.executable, str(Path(__file__).resolve()), *argv]
-    procs = [subprocess.Popen([*base, "--jobs", "1", "--shard", f"{k}/{jobs}"]) for k in range(jobs)]
+def _run_shards(argv: list[str], jobs: int, stage: str) -> None:
+    """Train the ``stage``'s runs in ``jobs`` processes at once; the caller then reports (all reused)."""
+    base = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--stage", stage]
+    procs = [subprocess.Popen([*base, "--shard", f"{k}/{jobs}"]) for k in range(jobs)]
     failed = [p.args[-1] for p in procs if p.wait() != 0]
     if failed:
         raise SystemExit(f"quality.py: shard(s) {', '.join(failed)} failed; rerun to continue")
 
 
-def _run_all(args, cfg, methods, out: Path) -> int:
-    runs = plan(cfg, methods)
-    if args.dry_run:
-        for m, rank, seed, lr in runs:
-            print(run_id(run_spec(m, rank, seed, lr, cfg)))
-        print(f"{len(runs)} runs")
-        return 0
-    out.mkdir(parents=True, exist_ok=True)
+def _execute(runs, cfg, out: Path, shard, select: bool = False) -> list[dict]:
+    """Train (or reuse) ``runs``; with ``shard`` (K, N) only every N-th from K."""
     results, times = [], []
     for i, (m, rank, seed, lr) in enumerate(runs):
-        if args.shard and i % args.shard[1] != args.shard[0]:
+        if shard and i % shard[1] != shard[0]:
             continue
-        spec = run_spec(m, rank, seed, lr, cfg)
+        spec = run_spec(m, rank, seed, lr, cfg, select)
         name = run_id(spec)
         run_dir = out / "runs" / name
         result = load_result(run_dir, spec)
         if result is not None:
             print(f"[{i + 1}/{len(runs)}] {name}: reused ({result['final_eval_loss']:.4f})", flush=True)
         else:
-            todo = sum(1 for r in runs[i:] if not _done(out, run_spec(*r, cfg)))
+            todo = sum(1 for r in runs[i:] if not _done(out, run_spec(*r, cfg, select)))
             eta = f", ETA {statistics.mean(times) * todo / 60:.0f} min" if times else ""
             print(f"[{i + 1}/{len(runs)}] {name}: training{eta}", flush=True)
             result = train_once(spec, run_dir, m)
@@ -750,9 +882,34 @@ def _run_all(args, cfg, methods, out: Path) -> int:
                 flush=True,
             )
         results.append(result)
+    return results
+
+
+def _run_all(args, cfg, methods, out: Path) -> int:
+    select = selection_plan(cfg, methods) if cfg.get("select_steps") else []
+    if args.dry_run:
+        named = [run_id(run_spec(*r, cfg, True)) for r in select]
+        if select:  # the selection runs choose the full runs' lrs: shown as "lr?"
+            for m, rank, seed, _ in plan(cfg, methods, chosen={m.key: None for m in methods}):
+                named.append(f"{m.key}{f'-r{rank}' if rank else ''}-lr?-s{seed}")
+        else:
+            named += [run_id(run_spec(*r, cfg)) for r in plan(cfg, methods)]
+        print("\n".join(named))
+        print(f"{len(named)} runs")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    selection, chosen = [], None
+    if select:
+        mine = args.shard if args.stage == "select" else None  # full-stage shards reuse them all
+        selection = _execute(select, cfg, out, mine, select=True)
+        if args.stage == "select":
+            return 0
+        chosen = choose_lrs(selection)
+        print("lr chosen: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()), flush=True)
+    results = _execute(plan(cfg, methods, chosen), cfg, out, args.shard)
     if args.shard:
         return 0
-    rows = aggregate(cfg, methods, results)
+    rows = aggregate(cfg, methods, results, selection)
     tokens = results[0]["tokens"] if results else 0
     summary = dict(
         protocol=dict(
@@ -776,6 +933,7 @@ def _run_all(args, cfg, methods, out: Path) -> int:
         rows=rows,
         winners=winners(rows),
         runs=[{k: v for k, v in r.items() if k != "train_loss"} for r in results],
+        selection_runs=[{k: v for k, v in r.items() if k != "train_loss"} for r in selection],
     )
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(markdown(summary))
