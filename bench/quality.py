@@ -121,7 +121,7 @@ PRESETS = {
         threads=1,  # a shared 2-core machine: 2 threads slow down ~10x when another process computes
     ),
     # [5/5]'s protocol on the blogs data: a short lr-selection run per method and lr (seed 0,
-    # the first rank), then every seed at the chosen lr; both leave the unigram plateau
+    # the first rank), then every seed at the chosen lr; meant to leave the unigram plateau (not run yet)
     "gpu": dict(
         model_config="llama_60m",
         max_length=256,
