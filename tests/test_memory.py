@@ -48,6 +48,15 @@ CASES = {
         )
         for po in ("adamw", "adam8bit", "lion", "adafactor", "sgd")
     },
+    **{
+        f"{name}_bf16_bases": (
+            dict(optimizer=name, rank=32, basis_dtype="bfloat16", eight_bit=name == "osd"),
+            lambda m, name=name: (osd.AdamW8bit if name == "osd" else osd.AdamW)(
+                osd.param_groups(m, 32, projector="svd" if name == "galore" else "online_pca", basis_dtype="bfloat16")
+            ),
+        )
+        for name in ("galore", "osd")
+    },
     "osd8bit": (
         dict(optimizer="osd", rank=32, eight_bit=True, proj_optimizer="adam8bit"),
         lambda m: osd.AdamW8bit(osd.param_groups(m, 32, proj_optimizer="adam8bit")),
@@ -206,6 +215,8 @@ def test_config_json_and_dict(tmp_path):
         (dict(rank=8), "rank is only for galore/osd, not adamw"),
         (dict(dtype="int8"), "unknown dtype 'int8'; valid: float32"),
         (dict(optimizer="osd", rank=8, proj_optimizer="adam"), "unknown proj_optimizer 'adam'; valid: adamw"),
+        (dict(optimizer="osd", rank=8, basis_dtype="float16"), "unknown basis_dtype 'float16'; valid: float32"),
+        (dict(basis_dtype="bfloat16"), "basis_dtype is for galore/osd projection bases, not adamw"),
         (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
         (dict(seq_len=1.5), "seq_len must be a positive integer, got 1.5"),
         (dict(gradient_accumulation=0), "gradient_accumulation must be a positive integer, got 0"),

@@ -371,6 +371,16 @@ def test_proj_dtype_reaches_the_subspace_group(model):
         train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "fp8"])
 
 
+def test_basis_dtype_reaches_the_subspace_group(model):
+    _, sub = build(model, "galore_adamw", "continuous").param_groups
+    assert sub["basis_dtype"] == "float32"
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--basis_dtype", "bfloat16"])
+    _, sub = build(model, "galore_adamw", "std", basis_dtype=args.basis_dtype).param_groups
+    assert sub["basis_dtype"] == "bfloat16"
+    with pytest.raises(train.UsageError, match=r"argument --basis_dtype: invalid choice: 'float16'"):
+        train.parse_args(["--model_config", "x", "--batch_size", "1", "--basis_dtype", "float16"])
+
+
 def test_svd_method_reaches_the_subspace_group(model):
     _, sub = build(model, "galore_adamw", "continuous").param_groups
     assert sub["svd_method"] == "exact"

@@ -14,7 +14,8 @@
     ``OptimState8bit``); a tensor under 4096 elements, or whose size is not a multiple of
     256, stays fp32 (4 bytes per element);
   - subspace (GaLore / OSD) for each targeted matrix W (m x n) at rank r, fp32:
-    ``2 max(m,n) r`` moments (8-bit when ``eight_bit``) + ``min(m,n) r`` basis, plus for OSD
+    ``2 max(m,n) r`` moments (8-bit when ``eight_bit``) + ``min(m,n) r`` basis (2 bytes an
+    element with ``basis_dtype="bfloat16"``), plus for OSD
     the basis' own optimizer state (``adamw``: ``2 min(m,n) r``). r is clamped to
     ``min(m,n)`` as the optimizer does. Targeted matrices are the attention (q, k, v, o) and
     MLP (gate, up, down) projections: the 2-D weights of ``nn.Linear`` modules whose name
@@ -275,6 +276,7 @@ def estimate(
     activation_checkpointing: bool = False,
     proj_optimizer: str | None = None,
     correction: str = "none",
+    basis_dtype: str = "float32",
 ) -> Estimate:
     """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
 
@@ -286,6 +288,7 @@ def estimate(
     refused); a rank above a matrix's smaller side is clamped, as the optimizer does, with a
     warning. ``correction`` (galore/osd: none, fira, apollo, apollo_mini) adds one fp32 norm
     per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per element of the update.
+    ``basis_dtype`` (galore/osd: float32, bfloat16) is the bases' storage dtype.
     """
     shape = model_shape(config)
     if optimizer not in OPTIMIZERS:
@@ -302,6 +305,10 @@ def estimate(
     subspace = optimizer in ("galore", "osd")
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; valid: {', '.join(CORRECTIONS)}")
+    if basis_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown basis_dtype {basis_dtype!r}; valid: float32, bfloat16")
+    if basis_dtype != "float32" and not subspace:
+        raise ValueError(f"basis_dtype is for galore/osd projection bases, not {optimizer}")
     if correction != "none" and not subspace:
         raise ValueError(f"a correction is for galore/osd subspace updates, not {optimizer}")
     if subspace and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
@@ -340,7 +347,7 @@ def estimate(
             r = min(rank, m, n)
             norms += 4 if correction != "none" else 0
             moments += 2 * state_tensor_bytes(max(m, n) * r, eight_bit)
-            bases += min(m, n) * r * 4
+            bases += min(m, n) * r * (2 if basis_dtype == "bfloat16" else 4)
             if optimizer == "osd":
                 basis_opt += _proj_optimizer_bytes(proj_optimizer, min(m, n), r)
         else:
@@ -405,6 +412,8 @@ def estimate(
         label += f", basis optimizer {proj_optimizer}"
     if correction != "none":
         label += f", {correction} correction"
+    if basis_dtype != "float32":
+        label += f", {basis_dtype} bases"
     if eight_bit and optimizer != "adamw8bit":
         label += ", 8-bit state"
     if per_layer:
@@ -470,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--correction", default="none", help="galore/osd full-rank correction: " + ", ".join(CORRECTIONS)
     )
+    parser.add_argument("--basis_dtype", default="float32", help="galore/osd bases' storage: float32, bfloat16")
     parser.add_argument("--dtype", default="bfloat16", help=", ".join(DTYPE_BYTES))
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -492,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 activation_checkpointing=args.activation_checkpointing,
                 proj_optimizer=args.proj_optimizer,
                 correction=args.correction,
+                basis_dtype=args.basis_dtype,
             )
     except ValueError as e:
         print(f"osd-memory: error: {e}", file=sys.stderr)

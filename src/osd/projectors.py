@@ -33,9 +33,11 @@ one place (:func:`from_group`):
   ``C`` is the projected gradient divided by ``||G||``, so a one-sided step needs a single
   extra m x n x r matmul (``Y``).
 
-Every function takes stacks of matrices (a leading dimension k). Bases are fp32 tensors, and
-so is all basis maths but the products with the gradient, which run in the group's
-``proj_dtype`` (:func:`proj_dtype`).
+Every function takes stacks of matrices (a leading dimension k). Bases are stored in the
+group's ``basis_dtype`` (fp32 by default; ``bfloat16`` halves their memory), and all basis
+maths is fp32 but the products with the gradient, which run in the group's ``proj_dtype``
+(:func:`proj_dtype`); an online-PCA step on bf16 bases computes in fp32 and rounds the
+result once.
 """
 
 from __future__ import annotations
@@ -127,8 +129,17 @@ def _randomized_svd(g: torch.Tensor, rank: int):
     return y @ ub, s, vh
 
 
-def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str = "exact", shard: Whole = WHOLE) -> dict:
-    """Top-``rank`` singular vectors of every matrix of the stack ``g`` (fp32): an exact SVD,
+def _svd_bases(
+    g: torch.Tensor,
+    rank: int,
+    rows: bool,
+    cols: bool,
+    method: str = "exact",
+    shard: Whole = WHOLE,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Top-``rank`` singular vectors of every matrix of the stack ``g`` (computed in fp32,
+    stored in ``dtype``): an exact SVD,
     or ``method="randomized"`` (:func:`_randomized_svd`: O(mnr) instead of O(mn min(m,n))).
     Row shards gather ``g`` (every rank computes the same SVD) and keep their rows of the
     left basis."""
@@ -139,9 +150,9 @@ def _svd_bases(g: torch.Tensor, rank: int, rows: bool, cols: bool, method: str =
         u, _, vh = _svd(g)
     bases = {}
     if rows:
-        bases[ROWS] = shard.rows(u[..., :rank].float()).contiguous()
+        bases[ROWS] = shard.rows(u[..., :rank].to(dtype)).contiguous()
     if cols:
-        bases[COLS] = vh[..., :rank, :].mT.float().contiguous()
+        bases[COLS] = vh[..., :rank, :].mT.to(dtype).contiguous()
     return bases
 
 
@@ -151,13 +162,14 @@ class SVD:
 
     update_gap: int = 200
     svd: str = "exact"  # or "randomized"
+    basis_dtype: torch.dtype = torch.float32
     from_gradient = True  # the refresh reads G (a non-finite G cannot give a basis)
 
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
 
     def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
-        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard).items():
+        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard, self.basis_dtype).items():
             put(state, key, basis)
 
     def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
@@ -170,6 +182,7 @@ class Random:
     (seed, step), drawn on the CPU so every device and rank gets the same numbers)."""
 
     update_gap: int = 200
+    basis_dtype: torch.dtype = torch.float32
     from_gradient = False
 
     def refreshes(self, step: int) -> bool:
@@ -187,7 +200,8 @@ class Random:
                 q, _ = torch.linalg.qr(torch.stack(gaussians))
                 # contiguous (QR returns column-major Q): the same layout as after a reload, so
                 # a resumed run multiplies bit for bit as the uninterrupted one
-                put(state, key, (shard.rows(q) if key == ROWS else q).contiguous().to(g.device))
+                q = (shard.rows(q) if key == ROWS else q).contiguous()
+                put(state, key, q.to(device=g.device, dtype=self.basis_dtype))
 
     def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
         return None
@@ -269,13 +283,14 @@ class OnlinePCA:
     orth_reg: float = 0.0
     retract_every: int = 0
     svd: str = "exact"  # the initial basis: or "randomized"
+    basis_dtype: torch.dtype = torch.float32
     from_gradient = True
 
     def refreshes(self, step: int) -> bool:
         return step == 0
 
     def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
-        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard).items():
+        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard, self.basis_dtype).items():
             put(state, key, basis)
             for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
                 state[f"{key}.{name}"] = t
@@ -297,7 +312,8 @@ class OnlinePCA:
         for key, x in ((ROWS, g), (COLS, g.mT)):
             if key not in state:
                 continue
-            basis = state[key]
+            stored = state[key]
+            basis = stored.float()  # the stored tensor itself when fp32
             c = None
             if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
                 c = (projected if key == ROWS else projected.mT).float().mul_(inv_norm)
@@ -312,7 +328,10 @@ class OnlinePCA:
                 new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
             for k, old in saved.items():
                 torch.where(keep.view((-1,) + (1,) * (old.dim() - 1)), old, sub[k], out=sub[k])
-            torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
+            if stored is basis:
+                torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
+            else:  # 16-bit storage: one rounding of the fp32 result
+                stored.copy_(torch.where(keep.view(-1, 1, 1), basis, new))
         return keep
 
 
@@ -332,9 +351,11 @@ SUBSPACE_DEFAULTS = {
     "proj_dtype": "auto",
     "svd_method": "exact",
     "correction": "none",
+    "basis_dtype": "float32",
 }
 
 PROJ_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def proj_dtype(group: dict, grad_dtype: torch.dtype) -> torch.dtype:
@@ -357,6 +378,7 @@ def check_group(group: dict, names: list[str]) -> None:
         ("side", SIDES),
         ("proj_optimizer", PROJ_OPTIMIZERS),
         ("proj_dtype", PROJ_DTYPES),
+        ("basis_dtype", BASIS_DTYPES),
         ("svd_method", SVD_METHODS),
         ("correction", CORRECTIONS),
     ):
@@ -394,10 +416,11 @@ def _few(items, k=3):
 def from_group(group: dict):
     """The projector a (checked) subspace group asks for."""
     name, gap = group["projector"], group["update_gap"]
+    dtype = BASIS_DTYPES[group.get("basis_dtype", "float32")]
     if name == "svd":
-        return SVD(gap, group.get("svd_method", "exact"))
+        return SVD(gap, group.get("svd_method", "exact"), dtype)
     if name == "random":
-        return Random(gap)
+        return Random(gap, dtype)
     rule, storage, weight_decay = PROJ_OPTIMIZERS[group["proj_optimizer"]]
     if group["proj_weight_decay"] is not None:
         weight_decay = group["proj_weight_decay"]
@@ -410,6 +433,7 @@ def from_group(group: dict):
         group["orth_reg"],
         group["retract_every"],
         group.get("svd_method", "exact"),
+        dtype,
     )
 
 
@@ -452,7 +476,7 @@ def transport(state: dict, old: dict, moments: tuple, storage: Storage, shard: W
     coordinates are reused as if they were coordinates in the new basis. Bases in ``old``
     that are the current tensors themselves did not move. Row shards sum ``Q`` of a left
     basis over the ranks."""
-    rotations = {k: state[k].mT @ b for k, b in old.items() if state[k] is not b}
+    rotations = {k: state[k].float().mT @ b.float() for k, b in old.items() if state[k] is not b}
     if ROWS in rotations:
         rotations[ROWS] = shard.sum(rotations[ROWS])
     if not rotations:

@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the projection matmuls (auto: the gradient's, as the references)",
     )
     p.add_argument(
+        "--basis_dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="storage dtype of the projection bases (bfloat16: half their memory; basis maths stays fp32)",
+    )
+    p.add_argument(
         "--svd_method",
         default="exact",
         choices=["exact", "randomized"],
