@@ -24,7 +24,8 @@ per step is ``lr^2 * wd * update``, far below training noise.
 Adam's eps: plain groups add it after bias correction (torch.optim.AdamW), subspace groups
 before (GaLore and the OSD reference); see :class:`osd.rules.Adam`.
 
-State dtypes: subspace moments and bases are fp32 (the projection matmuls run in the
+State dtypes: subspace moments are fp32, bases fp32 unless the group's ``basis_dtype`` is
+bfloat16 (the projection matmuls run in the
 group's ``proj_dtype``, by default the gradient's); plain-group moments take the
 parameter's dtype, as in torch.optim.AdamW; 8-bit storage (``AdamW8bit``) keeps moments as
 uint8 codes + fp32 block scales. ``step`` is a Python int. ``state_dict()`` holds tensors and

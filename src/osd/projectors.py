@@ -360,8 +360,8 @@ BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def proj_dtype(group: dict, grad_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a group's projection matmuls: ``auto`` is the gradient's dtype (as the
-    GaLore and OSD references), otherwise the named one. Bases, the rule and P's optimizer
-    stay fp32 whatever this is."""
+    GaLore and OSD references), otherwise the named one. Bases (``basis_dtype``), the rule and P's
+    optimizer keep their dtypes whatever this is."""
     return PROJ_DTYPES[group.get("proj_dtype", "auto")] or grad_dtype
 
 
