@@ -57,7 +57,10 @@ CASES = {
         dict(projector="online_pca", side="both", retract_every=2, transport=True, orth_reg=0.1, proj_lr=1e-3),
     ),
     "svd-transport": (osd.AdamW, dict(projector="svd", transport=True)),
-    "online_pca-bf16-bases-transport": (osd.AdamW, dict(projector="online_pca", basis_dtype="bfloat16", transport=True)),
+    "online_pca-bf16-bases-transport": (
+        osd.AdamW,
+        dict(projector="online_pca", basis_dtype="bfloat16", transport=True),
+    ),
     "online_pca-fira": (osd.AdamW, dict(projector="online_pca", correction="fira")),
     "online_pca-apollo": (osd.AdamW, dict(projector="online_pca", correction="apollo")),
     "random-apollo_mini": (osd.AdamW, dict(projector="random", correction="apollo_mini")),

@@ -361,24 +361,18 @@ def test_cli_process_error_is_one_line_with_exit_code_2(fx, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_proj_dtype_reaches_the_subspace_group(model):
+@pytest.mark.parametrize(
+    ("flag", "default", "value", "bad"),
+    [("proj_dtype", "auto", "float32", "fp8"), ("basis_dtype", "float32", "bfloat16", "float16")],
+)
+def test_dtype_flags_reach_the_subspace_group(model, flag, default, value, bad):
     _, sub = build(model, "galore_adamw", "continuous").param_groups
-    assert sub["proj_dtype"] == "auto"
-    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "float32"])
-    _, sub = build(model, "galore_adamw", "continuous", proj_dtype=args.proj_dtype).param_groups
-    assert sub["proj_dtype"] == "float32"
-    with pytest.raises(train.UsageError, match=r"argument --proj_dtype: invalid choice: 'fp8' \(choose from 'auto'"):
-        train.parse_args(["--model_config", "x", "--batch_size", "1", "--proj_dtype", "fp8"])
-
-
-def test_basis_dtype_reaches_the_subspace_group(model):
-    _, sub = build(model, "galore_adamw", "continuous").param_groups
-    assert sub["basis_dtype"] == "float32"
-    args = train.parse_args(["--model_config", "x", "--batch_size", "1", "--basis_dtype", "bfloat16"])
-    _, sub = build(model, "galore_adamw", "std", basis_dtype=args.basis_dtype).param_groups
-    assert sub["basis_dtype"] == "bfloat16"
-    with pytest.raises(train.UsageError, match=r"argument --basis_dtype: invalid choice: 'float16'"):
-        train.parse_args(["--model_config", "x", "--batch_size", "1", "--basis_dtype", "float16"])
+    assert sub[flag] == default
+    args = train.parse_args(["--model_config", "x", "--batch_size", "1", f"--{flag}", value])
+    _, sub = build(model, "galore_adamw", "continuous", **{flag: getattr(args, flag)}).param_groups
+    assert sub[flag] == value
+    with pytest.raises(train.UsageError, match=rf"argument --{flag}: invalid choice: '{bad}' \(choose from"):
+        train.parse_args(["--model_config", "x", "--batch_size", "1", f"--{flag}", bad])
 
 
 def test_svd_method_reaches_the_subspace_group(model):
