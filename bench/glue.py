@@ -237,11 +237,11 @@ def main(argv=None, run=None) -> int:
     cfg = dict(PRESETS[args.preset])
     tasks = args.tasks.split(",")
     methods = args.methods.split(",") if args.methods else cfg["methods"]
-    lr_task = args.lr_task or cfg["lr_task"]
+    lr_task = "each" if args.one_lr else args.lr_task or cfg["lr_task"]  # one lr: nothing to choose
     for name, known, given in (("task", TASKS, tasks), ("method", METHODS, methods)):
         if unknown := [x for x in given if x not in known]:
             p.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    if lr_task != "each" and lr_task not in tasks and not args.one_lr:
+    if lr_task != "each" and lr_task not in tasks:
         p.error(f"--lr_task {lr_task} is not among --tasks {','.join(tasks)} (or pass --lr_task each)")
     if not (DATA / "glue").is_dir() or not Path(args.model).is_dir():
         print(f"bench/glue.py: needs {DATA}/glue and the model {args.model} (set OSD_SHARED_DATA)", file=sys.stderr)

@@ -135,7 +135,7 @@ fi
 # reported each time (results.md, the two plots and results.json under $OUT/quality).
 if has quality && [ $DRY = 0 ]; then
   if [ -f .gpudata/blogs-train.jsonl.gz ]; then
-    Q_METHODS=$($PY -c "import sys; sys.path.insert(0, 'bench'); import quality as q; print(','.join(k for k in q.MAIN_METHODS if q.available(k)))")
+    Q_METHODS=$($PY -c "import sys; sys.path.insert(0, 'bench'); import quality as q; print(','.join(k for k in q.default_methods(q.PRESETS['gpu']) if q.available(k)))")
     stage "bench/quality.py --preset gpu --methods $Q_METHODS"
     timeout 540 $PY bench/quality.py --preset gpu --methods "$Q_METHODS" --out /tmp/osd-quality-gpu \
       --train_data .gpudata/blogs-train.jsonl.gz --eval_data .gpudata/blogs-validation.jsonl.gz \

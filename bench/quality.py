@@ -138,6 +138,7 @@ PRESETS = {
         jobs=4,  # runs at once on the one GPU (a 60m model leaves most of an H100 idle)
         threads=None,
         data="blogs",
+        ablations=False,  # default methods: all but the ablations (14)
     ),
     "cpu": dict(
         model_config="llama_9m",
@@ -155,6 +156,7 @@ PRESETS = {
         jobs=2,  # one run per core, one thread each
         threads=1,
         data="blogs",
+        ablations=False,
     ),
 }
 OUT_DEFAULT = {
@@ -247,7 +249,14 @@ METHODS = [
     Method("osd_retract", "OSD + QR every 10", 1e-2, flags=_osd("continuous", retract_every=10), ablation=True),
 ]
 BY_KEY = {m.key: m for m in METHODS}
-MAIN_METHODS = [m.key for m in METHODS if not m.ablation]  # the gpu and cpu presets' default
+
+
+def default_methods(cfg) -> list[str]:
+    """A preset's methods: all, or all but the ablations, less its ``exclude`` list."""
+    keep = cfg.get("ablations", True)
+    return [m.key for m in METHODS if (keep or not m.ablation) and m.key not in cfg.get("exclude", [])]
+
+
 NEEDS = {"galore_ref": "galore_torch", "apollo": "pytorch_optimizer", "fira": "pytorch_optimizer"}
 
 
@@ -747,7 +756,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--preset", choices=list(PRESETS), default="default", help="protocol (default: %(default)s)")
     p.add_argument(
-        "--out", type=Path, help="output dir (default: bench/out/quality-PRESET; default: bench/out/quality)"
+        "--out", type=Path, help="output dir (default: bench/out/quality-PRESET, bench/out/quality for default)"
     )
     p.add_argument(
         "--train_data",
@@ -807,9 +816,7 @@ def parse_args(argv=None):
         eval_data=args.eval_data or str(DATA / eval_file),
         tokenizer=args.tokenizer,
     )
-    default_methods = MAIN_METHODS if cfg.get("data") == "blogs" else [m.key for m in METHODS]
-    default_methods = [k for k in default_methods if k not in cfg.get("exclude", [])]
-    keys = [k.strip() for k in (args.methods or ",".join(default_methods)).split(",") if k.strip()]
+    keys = [k.strip() for k in (args.methods or ",".join(default_methods(cfg))).split(",") if k.strip()]
     unknown = [k for k in keys if k not in BY_KEY]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(BY_KEY)}")
