@@ -143,6 +143,41 @@ def test_saved_activations_match_autograd(size, dtype, batch, seq):
     assert 0 <= measured - (est.activations - transient) <= 4
 
 
+@pytest.mark.parametrize("dtype,chunk", [("float32", 40), ("bfloat16", 100)])
+def test_a_chunked_loss_saves_no_logits(monkeypatch, dtype, chunk):
+    """The trainer's loss in chunks (osd.train.TokenLoss): what autograd saves, plus what the
+    head's checkpoints hold (each chunk's hidden states and targets), equals the estimate
+    with ``loss_chunk`` less its backward transient, to 4 bytes; no logits stay."""
+    from osd import train
+
+    model = llama("llama_9m", dtype)
+    param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storage:
+            saved[storage.data_ptr()] = storage.nbytes()
+
+    head_loss = train.TokenLoss.head_loss
+
+    def spy(self, hidden, targets):  # the checkpoint holds its inputs
+        keep(hidden)
+        keep(targets)
+        return head_loss(self, hidden, targets)
+
+    monkeypatch.setattr(train.TokenLoss, "head_loss", spy)
+    ids = tokens(2, 128)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t):
+        train.TokenLoss(model, chunk)(ids, ids)
+    est = estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128, loss_chunk=chunk)
+    activations = dict(est.details["activations"])
+    assert "head: final norm, ids" in activations
+    transient = activations["backward transient: one loss chunk's buffers"]
+    assert 0 <= sum(saved.values()) - (est.activations - transient) <= 4
+    assert est.activations < estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128).activations
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
     "kwargs,optimizer,per_layer",
@@ -220,6 +255,7 @@ def test_config_json_and_dict(tmp_path):
         (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
         (dict(seq_len=1.5), "seq_len must be a positive integer, got 1.5"),
         (dict(gradient_accumulation=0), "gradient_accumulation must be a positive integer, got 0"),
+        (dict(loss_chunk=-1), "loss_chunk must be a non-negative integer (0: no chunks), got -1"),
         (dict(config={"hidden_size": 8}), "config: missing intermediate_size"),
         (
             dict(

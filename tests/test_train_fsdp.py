@@ -1,8 +1,9 @@
 """The trainer under FSDP2 (``--fsdp``): 2 CPU processes (gloo).
 
 One launch of tests/train_ddp_worker.py trains, in 2 processes: an FSDP2 run, its DDP twin,
-a resume of the FSDP2 run from its step-4 checkpoint, an FSDP2 run with SVD bases and
-gradient accumulation beside its DDP twin, and a per-layer FSDP2 run. Checked: FSDP2 gives
+a resume of the FSDP2 run from its step-4 checkpoint, an FSDP2 run with SVD bases,
+gradient accumulation and the loss in chunks beside its DDP twin, and a per-layer FSDP2 run
+(chunked loss too). Checked: FSDP2 gives
 DDP's losses and evaluations (fp32: within 1e-6 relative), per-layer FSDP2 those of one
 per-layer process with the same global batch, the resume repeats the metrics exactly, the
 checkpoint is a DCP directory that ``osd-train`` verifies. Plus the real ``torchrun -m
@@ -32,10 +33,13 @@ COMMON = dict(eval_tokens=1_000_000, keep_checkpoints=0, log_every=100, batch_si
 RUNS = {
     "fsdp": dict(fsdp=True),
     "ddp": dict(),
-    "fsdp_svd_accumulation": dict(fsdp=True, proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4),
-    "ddp_svd_accumulation": dict(proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4),
+    # with the loss in chunks of 9 tokens (recomputed in backward) under FSDP2 and DDP
+    "fsdp_svd_accumulation": dict(
+        fsdp=True, proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4, loss_chunk=9
+    ),
+    "ddp_svd_accumulation": dict(proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4, loss_chunk=9),
     # per-layer: each shard updated in the hook FSDP2 calls after its reduce-scatter
-    "fsdp_per_layer": dict(fsdp=True, optimizer="galore_adamw_per_layer", grad_clipping=0.5),
+    "fsdp_per_layer": dict(fsdp=True, optimizer="galore_adamw_per_layer", grad_clipping=0.5, loss_chunk=9),
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import SHARED_DATA, base_args, make_fixture, read_metrics, without_timing
+from train_fixtures import SHARED_DATA, TINY_MODEL, base_args, make_fixture, read_metrics, without_timing
 
 from osd import checkpoint, train
 
@@ -176,3 +176,42 @@ def test_t5_sentinel_ids_beyond_the_model_vocab_are_refused(tmp_path, capsys):
     assert train.main(base_args(fx, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "token id 32099 (<extra_id_0>) is outside the model's vocab_size 32000" in err
+
+
+def test_chunked_loss_equals_the_whole_batch_loss_and_gradients():
+    """TokenLoss with chunks (recomputed in backward) gives the whole-batch loss and the
+    same gradients, padding included; both are the sum HF's own loss averages."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_MODEL, use_cache=False))
+    ids = torch.randint(3, 64, (3, 16))
+    labels = ids.clone()
+    labels[0, 11:] = -100  # a right-padded sequence
+    results = []
+    for chunk in (0, 5, 16, 100):
+        model.zero_grad()
+        loss = train.TokenLoss(model, chunk)(ids, labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    whole, grads = results[0]
+    for loss, other in results[1:]:
+        assert torch.allclose(loss, whole, rtol=1e-6)
+        for a, b in zip(other, grads, strict=True):  # fp32 rounding: the sums run in another order
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    count = int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(whole / count, model(input_ids=ids, labels=labels).loss, rtol=1e-6)
+
+
+def test_loss_chunk_trains_as_the_whole_batch_does(fx, tmp_path):
+    """--loss_chunk changes memory, not the run: the same metrics, per-layer updates too."""
+    for flags in (dict(), dict(optimizer="galore_adamw8bit_per_layer", proj_type="std")):
+        runs = []
+        for chunk in (0, 7):
+            run = tmp_path / f"{len(flags)}-{chunk}"
+            argv = base_args(fx, run, num_training_steps=4, eval_every=4, save_every=100, loss_chunk=chunk, **flags)
+            assert train.main(argv) == 0
+            runs.append(without_timing(read_metrics(run)))
+        for a, b in zip(*runs, strict=True):
+            assert a.keys() == b.keys()
+            assert all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a), (a, b)

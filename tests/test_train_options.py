@@ -301,6 +301,7 @@ def bad_cases(fx, tmp):
         "lr zero": (dict(lr=0), "--lr must be in (0, inf), got 0.0"),
         "negative weight decay": (dict(weight_decay=-0.1), "--weight_decay must be in [0, inf), got -0.1"),
         "negative clipping": (dict(grad_clipping=-1), "--grad_clipping must be in [0, inf), got -1.0"),
+        "negative loss chunk": (dict(loss_chunk=-1), "--loss_chunk must be in [0, inf), got -1"),
         "negative scale": (dict(galore_scale=-1), "--galore_scale must be in (0, inf), got -1.0"),
         "nan scale": (dict(galore_scale="nan"), "--galore_scale must be a finite number"),
         "negative proj_lr": (dict(proj_lr=-1), "--proj_lr must be in (0, inf), got -1.0"),

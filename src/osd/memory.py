@@ -38,6 +38,9 @@
   plus RoPE's cos/sin (2 s d e per sequence, shared by all layers). With activation
   checkpointing each layer keeps only its input (eh per token) and one layer's activations
   are recomputed at a time during backward: ``L eh + one layer + head``.
+  With ``loss_chunk`` c (``osd-train --loss_chunk``) the head keeps no logits: each chunk's
+  are recomputed in backward, so the loss's transient is one chunk's logits, log-softmax
+  and buffers, ``(e + 12) V c``, plus the final norm's gradient, ``e h`` per token of the batch.
   tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
 
 * **step temporaries**: what the update of the costliest parameter allocates for a moment
@@ -277,6 +280,7 @@ def estimate(
     proj_optimizer: str | None = None,
     correction: str = "none",
     basis_dtype: str = "float32",
+    loss_chunk: int = 0,
 ) -> Estimate:
     """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
 
@@ -289,6 +293,8 @@ def estimate(
     warning. ``correction`` (galore/osd: none, fira, apollo, apollo_mini) adds one fp32 norm
     per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per element of the update.
     ``basis_dtype`` (galore/osd: float32, bfloat16) is the bases' storage dtype.
+    ``loss_chunk`` (``osd-train --loss_chunk``): token positions per chunk of the output head
+    and loss, 0 for the whole micro-batch.
     """
     shape = model_shape(config)
     if optimizer not in OPTIMIZERS:
@@ -322,6 +328,8 @@ def estimate(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise ValueError(f"loss_chunk must be a non-negative integer (0: no chunks), got {loss_chunk!r}")
     if shape.positions is not None and seq_len > shape.positions:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {shape.positions}")
     eight_bit = eight_bit or optimizer == "adamw8bit"
@@ -360,13 +368,17 @@ def estimate(
     tokens = batch_size * seq_len
     norm = 4 * h + 2 * e * h + 4
     layer = (2 * norm + e * (2 * a * d + 2 * k * d) + 4 * a + 4 * e * i) * tokens
-    head = (norm + e * V + 4 * V + 16) * tokens
+    chunked = 0 < loss_chunk < tokens
+    # a chunked head keeps no logits: each chunk's are recomputed in backward
+    head = (norm + (0 if chunked else e * V + 4 * V) + 16) * tokens
     rope = 2 * seq_len * d * e
     decoder = shape.layers * (e * h * tokens if activation_checkpointing else layer)
     saved = decoder + head + rope
-    # at the start of backward the loss's fp32 buffers; with checkpointing, later, one
-    # recomputed layer (the loss buffers are freed by then)
-    transient = max(8 * V * tokens, layer if activation_checkpointing else 0)
+    # at the start of backward the loss's fp32 buffers; chunked, one chunk's recomputed
+    # logits, log-softmax and buffers, and the final norm's gradient growing chunk by chunk;
+    # with checkpointing, later, one recomputed layer (the loss buffers are freed by then)
+    loss_buffers = (e + 12) * V * loss_chunk + e * h * tokens if chunked else 8 * V * tokens
+    transient = max(loss_buffers, layer if activation_checkpointing else 0)
     activations = saved + transient
 
     # the update of one parameter allocates temporaries; the largest parameter's set the peak
@@ -423,6 +435,8 @@ def estimate(
     label += f", {dtype}, batch {batch_size} x seq {seq_len}"
     if activation_checkpointing:
         label += ", activation checkpointing"
+    if chunked:
+        label += f", loss in chunks of {loss_chunk} tokens"
 
     details = {"optimizer_state": [("plain AdamW (embeddings, norms, head)" if subspace else "AdamW moments", plain)]}
     if subspace:
@@ -431,12 +445,14 @@ def estimate(
             details["optimizer_state"].append((f"basis optimizer ({proj_optimizer})", basis_opt))
         if correction != "none":
             details["optimizer_state"].append((f"{correction} correction norms", norms))
+    buffers = (
+        "one loss chunk's buffers" if chunked else ("loss buffers" if activation_checkpointing else "fp32 loss buffers")
+    )
     details["activations"] = [
         ("decoder layers" + (" (layer inputs only)" if activation_checkpointing else ""), decoder),
-        ("head: final norm, logits, log-softmax, ids", head + rope),
+        ("head: final norm, ids" if chunked else "head: final norm, logits, log-softmax, ids", head + rope),
         (
-            "backward transient: "
-            + ("max(loss buffers, 1 layer)" if activation_checkpointing else "fp32 loss buffers"),
+            "backward transient: " + (f"max({buffers}, 1 layer)" if activation_checkpointing else buffers),
             transient,
         ),
     ]
@@ -485,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--gradient_accumulation", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument(
+        "--loss_chunk", type=int, default=0, help="token positions per chunk of the output head and loss (0: all)"
+    )
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -503,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 proj_optimizer=args.proj_optimizer,
                 correction=args.correction,
                 basis_dtype=args.basis_dtype,
+                loss_chunk=args.loss_chunk,
             )
     except ValueError as e:
         print(f"osd-memory: error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from osd import checkpoint, cli_options, models, shards
 from osd.cli_options import Diverged, Parser, UsageError
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_tokens", type=token_count, default=10_000_000, help="non-pad tokens per evaluation")
     flag("--packing", help="concatenate documents instead of truncate-and-pad")
     flag("--autocast", help="fp32 master weights, forward/backward under bf16 autocast")
+    p.add_argument(
+        "--loss_chunk",
+        type=int,
+        default=0,
+        help="token positions per chunk of the output head and loss, each chunk's logits recomputed in backward "
+        "(0: the whole micro-batch at once); bounds the logits' memory to one chunk",
+    )
     p.add_argument("--proj_lr", type=float, help="online PCA: fixed P lr (default (1/gap) * lr_t/lr_0)")
     p.add_argument("--orth_reg", type=float, default=0.0, help="online PCA: orthogonality penalty (paper: 0.1)")
     flag("--transport", help="subspace groups: carry the moments into the new basis when it moves")
@@ -308,6 +316,7 @@ RANGES = {
     "orth_reg": (0, True, None, None),
     "warmup_steps": (0, True, None, None),
     "retract_every": (0, True, None, None),
+    "loss_chunk": (0, True, None, None),
     "keep_checkpoints": (0, True, None, None),
     "eval_tokens": (0, False, None, None),
     "seed": (0, True, None, None),
@@ -491,36 +500,62 @@ class Dist:
         return out
 
 
-def shard(model, dtype: str) -> None:
-    """FSDP2: ``fully_shard`` each decoder layer, then the model (embeddings, final norm,
-    head); with ``dtype`` bfloat16 the weights stay fp32 and are gathered in bf16 for
+def shard(loss: TokenLoss, dtype: str) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer, then the model with its loss (the root:
+    embeddings, final norm, head); with ``dtype`` bfloat16 the weights stay fp32 and are gathered in bf16 for
     compute, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = policy if dtype == "bfloat16" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
+    for layer in loss.lm.model.layers:
         fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(loss, mp_policy=policy)
 
 
-def token_loss_sum(model, batch, device):
+class TokenLoss(torch.nn.Module):
+    """A causal LM and its loss as one module: the sum of next-token cross-entropy over the
+    labelled tokens, from fp32 logits. DDP and FSDP2 wrap this module, so the output head
+    and the loss run inside their forward.
+
+    With ``chunk`` > 0 the head and the loss run on ``chunk`` token positions at a time, and
+    each chunk's logits are recomputed in backward (non-reentrant activation checkpointing
+    of the head): the logits, their fp32 copy and the loss's gradient buffers exist for one
+    chunk at a time instead of the whole micro-batch, for one more head matmul per chunk."""
+
+    def __init__(self, lm, chunk: int = 0):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, labels):
+        # No attention mask: padding is on the right, so causal attention never lets a real
+        # token see a pad, and pad positions carry no loss; this keeps SDPA's causal kernel.
+        hidden = self.lm.model(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+        # position t predicts token t + 1; each sequence's last position predicts nothing
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+        if not self.chunk or self.chunk >= len(targets):
+            return self.head_loss(hidden, targets)
+        chunks = zip(hidden.split(self.chunk), targets.split(self.chunk), strict=True)
+        recompute = torch.utils.checkpoint.checkpoint
+        return sum(recompute(self.head_loss, h, t, use_reentrant=False) for h, t in chunks)
+
+    def head_loss(self, hidden, targets):
+        return F.cross_entropy(self.lm.lm_head(hidden).float(), targets, reduction="sum")
+
+
+def token_loss_sum(loss: TokenLoss, batch, device):
     """Sum of next-token cross-entropy over the batch's labelled tokens (fp32 logits)."""
-    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    # No attention mask: padding is on the right, so causal attention never lets a real
-    # token see a pad, and pad positions carry no loss; this keeps SDPA's causal kernel.
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+    return loss(batch["input_ids"].to(device), batch["labels"].to(device))
 
 
 @torch.no_grad()
-def evaluate(model, args, dist, tokenizer, eval_source, precision):
+def evaluate(loss_of: TokenLoss, args, dist, tokenizer, eval_source, precision):
     """Token-weighted mean loss over about ``--eval_tokens`` non-pad tokens of the eval set
     (each rank reads its share), and its perplexity."""
     docs = Documents(eval_source, dist.rank, dist.world, epochs=1, name="eval dataset")
     batches = TokenBatches(docs, tokenizer, args.batch_size, args.max_length, args.model["vocab_size"], args.packing)
     loss, predicted, seen = 0.0, 0, 0
-    model.eval()
+    loss_of.eval()
     stream = iter(batches)
     idle = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
     while True:
@@ -530,15 +565,15 @@ def evaluate(model, args, dist, tokenizer, eval_source, precision):
                 break
             if batch is None:
                 with precision():
-                    token_loss_sum(model, idle, dist.device)
+                    token_loss_sum(loss_of, idle, dist.device)
                 continue
         elif batch is None:
             break
         with precision():
-            loss += token_loss_sum(model, batch, dist.device).item()
+            loss += token_loss_sum(loss_of, batch, dist.device).item()
         n_input, n_pred = count_tokens(batch)
         seen, predicted = seen + n_input, predicted + n_pred
-    model.train()
+    loss_of.train()
     loss, predicted, seen = dist.sum([loss, predicted, seen])
     mean = loss / max(predicted, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(seen)}
@@ -560,8 +595,9 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
     # FSDP2 keeps fp32 weights and casts them to bf16 for compute (its mixed-precision policy)
     model.to(device=dist.device, dtype=torch.float32 if args.fsdp else getattr(torch, args.dtype))
+    loss_of = TokenLoss(model, args.loss_chunk)
     if args.fsdp:
-        shard(model, args.dtype)
+        shard(loss_of, args.dtype)
     try:
         optimizer = (build_optimizer or cli_options.build_optimizer)(model, args)
     except ValueError as e:
@@ -586,8 +622,8 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
         batches.load_state_dict(data_states[dist.rank])
     ddp = None
     if dist.world > 1 and not args.fsdp:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    forward = ddp or model
+        ddp = torch.nn.parallel.DistributedDataParallel(loss_of, broadcast_buffers=False)
+    forward = ddp or loss_of
     precision = partial(torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=args.autocast)
     metrics = MetricsLog(args.log_dir, resume_step=step) if dist.main else None
     wandb = _wandb(args) if dist.main and args.wandb else None
@@ -658,7 +694,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
             if args.fsdp and not args.per_layer:  # reduce-scatter in the last backward only
-                model.set_requires_gradient_sync(last)  # (per-layer updates need every one: each fires the hooks)
+                loss_of.set_requires_gradient_sync(last)  # (per-layer updates need every one: each fires the hooks)
             with sync:
                 with precision():
                     loss = token_loss_sum(forward, batch, dist.device)
@@ -698,7 +734,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
                 )
             )
         if step % args.eval_every == 0 or step == args.num_training_steps:
-            result = {"step": step, **evaluate(model, args, dist, tokenizer, eval_source, precision)}
+            result = {"step": step, **evaluate(loss_of, args, dist, tokenizer, eval_source, precision)}
             record(result)
             log(
                 f"eval step {step}: loss {result['eval_loss']:.4f} ppl {result['eval_ppl']:.2f} "
