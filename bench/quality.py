@@ -46,7 +46,7 @@ sample otherwise):
   the lr with the lowest selection loss: 42 + 28 runs, 4 at a time (``--jobs``).
   ``bash bench/gpu.sh --prepare-quality`` then ``STAGES=quality bash bench/gpu.sh`` on the
   device (see bench/gpu.sh).
-* ``cpu``: the same protocol scaled to this 2-core CPU (estimated at about 100 minutes, 2
+* ``cpu``: the same protocol scaled to this 2-core CPU (about 3 hours here with other work sharing the machine, 2
   runs at a time on one thread each): llama_9m, seq 128, batch 16, 150 steps (about 285k
   non-pad tokens, 18 times fewer than gpu, with a model 7 times smaller), fp32, rank 32
   (1/4 of the width, as 128 of 512), 40-step selection runs, 13 methods (OSD with Lion on P
