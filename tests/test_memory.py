@@ -115,6 +115,29 @@ def test_per_layer_gradients_are_the_live_peak(subspace, accumulation):
     )
 
 
+class SavedBytes(dict):
+    """Bytes of the non-parameter storages handed to it (storage pointer -> bytes); as a
+    context, of every tensor autograd saves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def keep(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.keep, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
 @pytest.mark.parametrize(
     "size,dtype,batch,seq",
     [("llama_9m", "float32", 2, 128), ("llama_9m", "bfloat16", 3, 64), ("llama_20m", "bfloat16", 2, 96)],
@@ -123,17 +146,8 @@ def test_saved_activations_match_autograd(size, dtype, batch, seq):
     """What autograd saves in the forward pass (plus the logits the output holds) equals the
     estimator's activations minus the backward transient, to 4 bytes."""
     model = llama(size, dtype)
-    param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storage:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     ids = tokens(batch, seq)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model) as saved:
         out = model(input_ids=ids, labels=ids)
     logits = out.logits.untyped_storage()
     measured = sum(saved.values()) + (0 if logits.data_ptr() in saved else logits.nbytes())
@@ -151,24 +165,15 @@ def test_a_chunked_loss_saves_no_logits(monkeypatch, dtype, chunk):
     from osd import train
 
     model = llama("llama_9m", dtype)
-    param_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def keep(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storage:
-            saved[storage.data_ptr()] = storage.nbytes()
-
+    saved = SavedBytes(model)
     head_loss = train.TokenLoss.head_loss
 
     def spy(self, hidden, targets):  # the checkpoint holds its inputs
-        keep(hidden)
-        keep(targets)
-        return head_loss(self, hidden, targets)
+        return head_loss(self, saved.keep(hidden), saved.keep(targets))
 
     monkeypatch.setattr(train.TokenLoss, "head_loss", spy)
     ids = tokens(2, 128)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t):
+    with saved:
         train.TokenLoss(model, chunk)(ids, ids)
     est = estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128, loss_chunk=chunk)
     activations = dict(est.details["activations"])
