@@ -76,6 +76,7 @@ def test_bucketize_codes_equal_torchaos_quantiser_at_every_threshold(signed):
     from osd.storage import _qmap
 
     qmap, thresholds = _qmap(signed, "cpu")
+    thresholds = thresholds[:-1]  # the last is +inf
     near = [thresholds, qmap, (qmap[1:] + qmap[:-1]) / 2]
     for direction in (float("inf"), float("-inf")):
         t = thresholds
