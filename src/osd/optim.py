@@ -350,6 +350,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             engine.lerp(params, update, decay)
         else:
             engine.apply(params, update, lr, 0.0, alpha=-scale)
+        del update, delta, r  # the m x n update and the fp32 copies: not alive in the basis step
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
         skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
         if skipped is not None:
