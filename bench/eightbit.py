@@ -4,9 +4,9 @@ Candidates, on ``--numel`` values (default 4M, an embedding of 32000 x 128) in `
 same-shape tensors (one stack), block size 256, both moments 8-bit:
 
 * ``osd``: ``osd.AdamW8bit``'s step (a plain group; dequantise, Adam, requantise with
-  torchao's quantiser): the fused update compiled with dynamic shapes (the default; first
-  step includes the compilation), the same compiled with static shapes, the same with a
-  ``torch.bucketize`` quantiser, compiled quantiser and dequantiser around an eager Adam
+  torchao's map and codes): the fused update compiled with dynamic shapes (the default; first
+  step includes the compilation), the same compiled with static shapes, compiled quantiser
+  and dequantiser around an eager Adam
   (``Blockwise8bit(fused=False)``), and all eager;
 * ``torchao eager``: the same update with torchao's own eager quantiser
   (``torchao.optim.quant_utils.quantize_8bit_with_qmap``, an 8-step binary search);
@@ -74,16 +74,6 @@ def _tensor_scalars(fn):
     return call
 
 
-def _bucketize_quantize(value, qmap, block_size):
-    """Nearest map entry by ``torch.bucketize`` on the midpoints (a variant of torchao's
-    branchless binary search, for timing)."""
-    blocks = value.view(-1, block_size)
-    scale = blocks.abs().amax(-1).clip(1e-12)
-    mid = (qmap[1:] + qmap[:-1]) * 0.5
-    codes = torch.bucketize((blocks / scale.unsqueeze(-1)).view(-1), mid, right=True).to(torch.uint8)
-    return codes, scale
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__)
     p.add_argument("--numel", type=int, default=4096 * 1024)
@@ -113,15 +103,11 @@ def main(argv=None):
         ("osd.AdamW8bit, fused compiled update (default)", True, True, None),
         ("osd.AdamW8bit, compiled quantiser and dequantiser, eager Adam", True, False, None),
         ("osd.AdamW8bit, fused update compiled with static shapes, lr and step 0-d CPU tensors", True, True, "static"),
-        ("osd.AdamW8bit, fused update, bucketize quantiser", True, True, "bucketize"),
         ("osd.AdamW8bit, eager", False, False, None),
     ]
     for name, compiled, fused, variant in variants:
         storage.EIGHT_BIT.compile, storage.EIGHT_BIT.fused = compiled, fused
         storage._KERNELS.clear()
-        quantize = storage._quantize
-        if variant == "bucketize":
-            storage._quantize = _bucketize_quantize
         if variant:
             eager = (storage._dequantize, storage._quantize)
             fn = torch.compile(storage._fused_update, dynamic=variant != "static")
@@ -133,7 +119,6 @@ def main(argv=None):
         opt.step()
         first = time.perf_counter() - start
         rows.append((name, timed(opt.step, device, args.repeats), f"first step {first:.0f} s" if compiled else ""))
-        storage._quantize = quantize
     storage.EIGHT_BIT.compile, storage.EIGHT_BIT.fused = default
     storage._KERNELS.clear()
     w = param()

@@ -69,6 +69,27 @@ def test_adam8bit_basis_optimizer_close_to_adamw():
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_bucketize_codes_equal_torchaos_quantiser_at_every_threshold(signed):
+    """One ``torch.bucketize`` on the map's rounding thresholds gives torchao's codes for
+    every input, ties and the fp32 neighbours of every threshold included."""
+    quant_utils = pytest.importorskip("torchao.optim.quant_utils")
+    from osd.storage import _qmap
+
+    qmap, thresholds = _qmap(signed, "cpu")
+    thresholds = thresholds[:-1]  # the last is +inf
+    near = [thresholds, qmap, (qmap[1:] + qmap[:-1]) / 2]
+    for direction in (float("inf"), float("-inf")):
+        t = thresholds
+        for _ in range(3):
+            t = torch.nextafter(t, torch.tensor(direction))
+            near.append(t)
+    x = torch.cat(near + [torch.rand(100_000) * (2 if signed else 1) - (1 if signed else 0)])
+    x = x[(x >= (-1 if signed else 0)) & (x <= 1)]
+    ours = torch.bucketize(x, thresholds, right=True)
+    assert torch.equal(ours.to(torch.uint8), quant_utils.quantize_8bit_with_qmap(x, qmap))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_compiled_codes_equal_torchaos_quantiser(signed):
     """The compiled quantiser (one graph for all shapes) gives torchao's eager codes exactly."""
     quant_utils = pytest.importorskip("torchao.optim.quant_utils")
@@ -80,7 +101,7 @@ def test_compiled_codes_equal_torchaos_quantiser(signed):
         EIGHT_BIT.store(state, "m", x)
         blocks = x.view(-1, 256)
         scale = blocks.abs().amax(-1).clip(1e-12)
-        ref = quant_utils.quantize_8bit_with_qmap((blocks / scale[:, None]).view(shape), _qmap(signed, "cpu"))
+        ref = quant_utils.quantize_8bit_with_qmap((blocks / scale[:, None]).view(shape), _qmap(signed, "cpu")[0])
         assert torch.equal(state["m"], ref)
         assert torch.equal(state["m.scale"].view(-1), scale)
         back = EIGHT_BIT.load(state, "m")
@@ -128,7 +149,10 @@ def test_fused_update_equals_eager(rule, device):
             a = fused.update(rule, g, states[0], 1e-3 * step, step)
             b = eager.update(rule, g, states[1], 1e-3 * step, step)
             assert a.shape == shape and a.dtype == dtype
-            torch.testing.assert_close(a, b.to(dtype), rtol=1e-5, atol=1e-7)
+            # the eager side runs torch's fused AdamW kernel: the same fp32 maths in another
+            # order, so a bf16 update may round the other way (one bf16 ulp: up to 2^-7)
+            rtol = 1e-5 if dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(a, b.to(dtype), rtol=rtol, atol=1e-7)
             for key in [k for k in states[0] if is_quantized(states[0], k)]:
                 same = (states[0][key] == states[1][key]).float().mean().item()
                 assert same > 0.999, f"{key}: {same:.4%} of the codes agree"

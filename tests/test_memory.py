@@ -3,9 +3,11 @@
 import json
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import osd
 from osd.memory import estimate, main
@@ -181,6 +183,99 @@ def test_a_chunked_loss_saves_no_logits(monkeypatch, dtype, chunk):
     transient = activations["backward transient: one loss chunk's buffers"]
     assert 0 <= sum(saved.values()) - (est.activations - transient) <= 4
     assert est.activations < estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128).activations
+
+
+class AllocatedPeak(TorchDispatchMode):
+    """The peak bytes of the storages created while it is active and still alive (each freed
+    when its last tensor dies): what a step allocates on top of what existed before it. An
+    op's output that shares an input's storage (in place, ``out=``) is not new."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            inputs = {id(t.untyped_storage()) for t in leaves if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    if id(storage) not in self.seen | inputs and storage.nbytes():
+                        self.seen.add(id(storage))
+                        self.live += storage.nbytes()
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+        return out
+
+    def _free(self, key, nbytes):
+        self.live -= nbytes
+        self.seen.discard(key)
+
+
+# name: (optimizer class, group options, estimator's eight_bit, P's optimizer or None for GaLore)
+UPDATES = {
+    "galore": (osd.AdamW, {"projector": "svd"}, False, None),
+    "galore8": (osd.AdamW8bit, {"projector": "svd"}, True, None),
+    "galore8_bf16_bases": (osd.AdamW8bit, {"projector": "svd", "basis_dtype": "bfloat16"}, True, None),
+    "osd": (osd.AdamW, {}, False, "adamw"),
+    "osd_sgd": (osd.AdamW, {"proj_optimizer": "sgd"}, False, "sgd"),
+    "osd8": (osd.AdamW8bit, {}, True, "adamw"),
+    "osd8_adam8": (osd.AdamW8bit, {"proj_optimizer": "adam8bit"}, True, "adam8bit"),
+    "osd8_sgd": (osd.AdamW8bit, {"proj_optimizer": "sgd"}, True, "sgd"),
+    "osd8_adam8_bf16_bases": (
+        osd.AdamW8bit,
+        {"proj_optimizer": "adam8bit", "basis_dtype": "bfloat16"},
+        True,
+        "adam8bit",
+    ),
+    "osd_fira": (osd.AdamW, {"correction": "fira"}, False, "adamw"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("update", UPDATES)
+def test_update_temporaries_bound_what_a_step_allocates(update, dtype):
+    """osd.memory.update_temporaries against the peak of what one steady-state step of one
+    matrix allocates (an allocation-tracking dispatch mode), at LLaMA's MLP and attention
+    aspect ratios (2.69 and 1) and ranks where each phase of the update is the peak: never
+    below, at most 12% above."""
+    from osd.memory import update_temporaries
+
+    cls, group, eight_bit, proj_optimizer = UPDATES[update]
+    for shape, rank in (((512, 1376), 128), ((512, 512), 256), ((1024, 512), 32)):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype]))
+        opt = cls([{"params": [w], "rank": rank, **group}], lr=1e-3)
+        for _ in range(3):  # the last is a steady-state step
+            w.grad = torch.randn(shape, generator=gen).to(DTYPES[dtype])
+            with AllocatedPeak() as allocated:
+                opt.step()
+        e = torch.finfo(DTYPES[dtype]).bits // 8
+        correction = group.get("correction", "none")
+        basis_dtype = group.get("basis_dtype", "float32")
+        est = update_temporaries(shape, e, rank, eight_bit, correction, proj_optimizer, basis_dtype)
+        assert 0.99 * allocated.peak <= est <= 1.12 * allocated.peak, (shape, rank, est, allocated.peak)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_8bit_update_temporaries_are_one_chunks(dtype, monkeypatch):
+    """A plain 8-bit update allocates what osd.memory says per value of one chunk, however
+    large the tensor (here 4 chunks)."""
+    from osd.memory import update_temporaries
+
+    monkeypatch.setattr(osd.engine, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(osd.memory, "CHUNK_ELEMENTS", 1 << 16)
+    w = torch.nn.Parameter(torch.randn(256, 1024).to(DTYPES[dtype]))
+    opt = osd.AdamW8bit([w], lr=1e-3)
+    for _ in range(3):
+        w.grad = torch.randn(256, 1024).to(DTYPES[dtype])
+        with AllocatedPeak() as allocated:
+            opt.step()
+    est = update_temporaries((256, 1024), torch.finfo(DTYPES[dtype]).bits // 8, eight_bit=True)
+    assert allocated.peak <= est <= 1.05 * allocated.peak, (est, allocated.peak)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

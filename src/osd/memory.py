@@ -44,7 +44,7 @@
   tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
 
 * **step temporaries**: what the update of the costliest parameter allocates for a moment
-  (``STEP_TEMPORARIES``; 8-bit state is dequantised one stack at a time, and a lone plain
+  (:func:`update_temporaries`; 8-bit state is dequantised one stack at a time, and a lone plain
   tensor above ``osd.engine.CHUNK_ELEMENTS`` values, an embedding or head, one chunk of that
   many values at a time).
 
@@ -87,25 +87,70 @@ BLOCK_SIZE = 256
 MIN_8BIT_NUMEL = 4096
 GB = 1e9
 
-# Temporaries of one parameter's update (m x n, rank r): per_element * m n + per_rank *
-# max(m, n) r bytes, per_element for (fp32, 16-bit) parameters. They follow the
-# implementation, not the algorithm: plain AdamW holds sqrt(v) and a quotient in the state
-# dtype; 8-bit dequantises m and v of the whole tensor to fp32 (and copies a 16-bit gradient
-# to fp32); subspace steps hold an fp32 gradient copy and the full-size fp32 update (plus its
-# cast for 16-bit weights), OSD also the normalised gradient for the basis step. The 8-bit
-# 16-bit figure (31) is fitted to torch.cuda.max_memory_allocated on an H100 (llama_1b,
-# 8-bit AdamW: bench/memory.py --measure); the others follow the code.
-# A full-rank correction (osd.corrections) adds an fp32 m x n term and a full-space base (the
-# residual or the gradient) to a subspace update: counted from the code, not yet measured.
+# Temporaries of one parameter's update: the peak of what it allocates, in bytes. They follow
+# the implementation, not the algorithm.
+# Plain updates (m x n values): per element, for (fp32, 16-bit) parameters. AdamW with fp32
+# state runs torch's fused kernel: its figure is kept from its H100 fit. 8-bit plain
+# dequantises m and v to fp32 and requantises them, a chunk of a large tensor at a time:
+# measured like the subspace rows below (eager; the CUDA path fuses it and allocates less).
+PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
+# A subspace update of an m x n matrix at rank r, with P = max(m, n) r and Q = min(m, n) r
+# (the projected gradient's and the basis's sizes) and e bytes per weight, peaks in one of
+# three phases (osd.optim.SubspaceOptimizer.finish):
+# * projecting back: the m x n update (e m n) beside the projected gradient, its fp32 copy,
+#   the rule's fp32 update and its cast (PROJECTED per P, for fp32 and 16-bit weights) and
+#   the bases cast to the projection dtype where they differ (e or 4 per Q);
+# * the 8-bit rule: the projected gradient and its copy, the dequantised moments, the update
+#   and the new codes (RULE_8BIT per P);
+# * online PCA's basis step, after the m x n update is freed: (e + 4) per P (the projected
+#   gradient, normalised) and BASIS_STEP per Q (the PCA gradient, P's optimizer on a scratch
+#   copy of its state, the new basis), by P's optimizer, 4 more with bf16 bases (their fp32
+#   copies).
+# Measured on the CPU with an allocation-tracking dispatch mode (tests/test_memory.py checks
+# every kind and dtype against it, at shapes and ranks where each phase is the peak); the
+# CUDA path of 8-bit state fuses the weights' moment update and allocates less, so the 8-bit
+# figures bound it.
+PROJECTED = (8, 12)
+RULE_8BIT = (24.1, 26.1)
+BASIS_STEP = {"adamw": 17, "adam8bit": 25.1, "lion": 17, "adafactor": 17, "sgd": 17}
+# A full-rank correction (osd.corrections) adds an fp32 m x n term, and holds CORRECTED per P
+# beside it (measured the same way).
 CORRECTION_TEMPORARIES = 8
+CORRECTED = (8, 10.1)
 
 
-STEP_TEMPORARIES = {  # kind: ((per_element fp32, per_element 16-bit), per_rank)
-    "adamw": ((8, 4), 0),
-    "adamw8bit": ((16, 31), 0),
-    "galore": ((4, 10), 8),
-    "osd": ((8, 12), 16),
-}
+def update_temporaries(
+    shape: tuple[int, int],
+    dtype_bytes: int,
+    rank: int | None = None,
+    eight_bit: bool = False,
+    correction: str = "none",
+    proj_optimizer: str | None = None,
+    basis_dtype: str = "float32",
+) -> int:
+    """Bytes one update of an m x n parameter allocates at its peak: a subspace update when
+    ``rank`` is given (online PCA's basis step when ``proj_optimizer`` is, the name of P's
+    optimizer), else a plain one (an 8-bit plain update of a large tensor runs in chunks of
+    ``osd.engine.CHUNK_ELEMENTS``)."""
+    m, n = shape
+    e, half = dtype_bytes, dtype_bytes != 4
+    if rank is None:
+        numel = min(m * n, CHUNK_ELEMENTS) if eight_bit else m * n
+        return numel * PLAIN_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][half]
+    r = min(rank, m, n)
+    p, q = max(m, n) * r, min(m, n) * r
+    bf16_bases = basis_dtype == "bfloat16"
+    cast = (4 if bf16_bases else 0) if e == 4 else (0 if bf16_bases else e)
+    if correction == "none":
+        projecting_back = e * m * n + PROJECTED[half] * p + cast * q
+    else:  # the full-space update replaces the cast rule update
+        projecting_back = (e + CORRECTION_TEMPORARIES) * m * n + CORRECTED[half] * p + cast * q
+    phases = [projecting_back]
+    if eight_bit:
+        phases.append(RULE_8BIT[half] * p)
+    if proj_optimizer is not None:
+        phases.append((e + 4) * p + (BASIS_STEP[proj_optimizer] + (4 if bf16_bases else 0)) * q)
+    return int(max(phases))
 
 
 @dataclass(frozen=True)
@@ -383,13 +428,11 @@ def estimate(
 
     # the update of one parameter allocates temporaries; the largest parameter's set the peak
     def step(p):
-        if subspace and p.targeted:
-            (per_element, per_rank), r = STEP_TEMPORARIES[optimizer], min(rank, *p.shape)
-            extra = CORRECTION_TEMPORARIES if correction != "none" else 0
-            return p.numel * (per_element[e != 4] + extra) + per_rank * max(p.shape) * r
-        # 8-bit plain updates of a large tensor run in chunks (fp32 AdamW runs torch's fused kernel)
-        n = min(p.numel, CHUNK_ELEMENTS) if eight_bit else p.numel
-        return n * STEP_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][0][e != 4]
+        shape = (p.shape[0], p.numel // p.shape[0])
+        if not (subspace and p.targeted):
+            return update_temporaries(shape, e, eight_bit=eight_bit)
+        basis_optimizer = proj_optimizer if optimizer == "osd" else None
+        return update_temporaries(shape, e, rank, eight_bit, correction, basis_optimizer, basis_dtype)
 
     accumulating = gradient_accumulation > 1
     if per_layer:

@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from osd import corrections, engine, hf, projectors, shards, storage
+from osd import corrections, engine, hf, projectors, rules, shards, storage
 from osd.rules import SGD as SGDRule
 from osd.rules import Adafactor as AdafactorRule
 from osd.rules import Adam, Rule
@@ -116,6 +116,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        rules.forget_step_tensors()
         stacks = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -323,11 +324,15 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             engine.add_new_state(states, st)
         lr = group["lr"]
         bases = _bases(st)
-        delta = self.storage.update(rule, r, st, lr, step + 1, projectors.projected_layout(shard, bases))
         decay = lr * group.get("weight_decay", 0.0)
         scale = group["scale"]
         correction = group.get("correction", "none")
-        # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W
+        layout = projectors.projected_layout(shard, bases)
+        # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W,
+        # and the factor goes on the small r x k update (into the rule's lr where the update
+        # is lr times something the state does not depend on)
+        folded = correction == "none" and decay and rule.scales_with_lr
+        delta = self.storage.update(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout)
         if correction != "none":  # a full-space update (scale included): m x n anyway
             step_size = rule.step_size(lr, step + 1)
             update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st, shard)
@@ -335,7 +340,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             scale = 1.0
             if decay:
                 update.mul_(-1 / decay)
-        elif decay:  # scale the small r x k update instead of the m x n one
+        elif folded:
+            update = projectors.project_back(delta.to(g.dtype), bases)
+        elif decay:
             update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
         else:
             update = projectors.project_back(delta.to(g.dtype), bases)
@@ -343,6 +350,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             engine.lerp(params, update, decay)
         else:
             engine.apply(params, update, lr, 0.0, alpha=-scale)
+        del update, delta, r  # the m x n update and the fp32 copies: not alive in the basis step
         old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
         skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
         if skipped is not None:
@@ -455,7 +463,6 @@ def _fused_adamw(params, grads, states, group, step):
         for p, s in zip(params, states, strict=True):
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    steps = torch.full((len(params),), float(step + 1), device=params[0].device)
     beta1, beta2 = group["betas"]
     torch._fused_adamw_(
         params,
@@ -463,7 +470,7 @@ def _fused_adamw(params, grads, states, group, step):
         [s["exp_avg"] for s in states],
         [s["exp_avg_sq"] for s in states],
         [],
-        list(steps.unbind(0)),
+        [rules.step_tensor(step + 1, params[0].device)] * len(params),
         lr=group["lr"],
         beta1=beta1,
         beta2=beta2,

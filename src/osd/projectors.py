@@ -71,12 +71,18 @@ def project(g: torch.Tensor, bases: dict, shard: Whole = WHOLE) -> torch.Tensor:
     cast to ``g``'s dtype (the projection precision). Row shards (``shard``) sum ``B_r^T G``
     over the ranks (after the right product when both sides: r x r)."""
     if ROWS in bases:
-        g = bases[ROWS].to(g.dtype).mT @ g
+        g = mm(bases[ROWS].to(g.dtype).mT, g)
     if COLS in bases:
-        g = g @ bases[COLS].to(g.dtype)
+        g = mm(g, bases[COLS].to(g.dtype))
     if ROWS in bases:
         g = shard.sum(g)
     return g
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; for two stacks ``torch.bmm``, which is one op where ``@`` on 3-d tensors
+    adds a reshape copy (``_unsafe_view``)."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
 
 
 def projected_layout(shard: Whole, bases: dict) -> Whole:
@@ -88,9 +94,9 @@ def projected_layout(shard: Whole, bases: dict) -> Whole:
 def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
     """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both."""
     if ROWS in bases:
-        d = bases[ROWS].to(d.dtype) @ d
+        d = mm(bases[ROWS].to(d.dtype), d)
     if COLS in bases:
-        d = d @ bases[COLS].to(d.dtype).mT
+        d = mm(d, bases[COLS].to(d.dtype).mT)
     return d
 
 
@@ -239,27 +245,29 @@ def pca_grad(
     holds this rank's columns (``x = G^T``, a right basis, replicated), and ``C C^T`` and
     ``X C^T`` are."""
     if c is None:
-        c = (basis.to(x.dtype).mT @ x).to(basis.dtype)
+        c = mm(basis.to(x.dtype).mT, x).to(basis.dtype)
         if rows_sharded:
             c = shard.sum(c)
         c = c.mul_(x_scale)
-    y = (x @ c.to(x.dtype).mT).to(basis.dtype)  # X C^T
+    y = mm(x, c.to(x.dtype).mT).to(basis.dtype)  # X C^T
     if not rows_sharded:
         y = shard.sum(y)
     y = y.mul_(x_scale)
-    gram = basis.mT @ basis
-    cct = c @ c.mT
+    gram = mm(basis.mT, basis)
+    cct = mm(c, c.mT)
     if rows_sharded:
         gram = shard.sum(gram)
     else:
         cct = shard.sum(cct)
     gram.diagonal(dim1=-2, dim2=-1).sub_(2)
     # 2 (B C C^T + X C^T (B^T B - 2 I))
-    grad = torch.baddbmm(basis @ cct, y, gram) if basis.dim() == 3 else (basis @ cct).addmm_(y, gram)
-    grad.mul_(2)
+    if basis.dim() == 3:
+        grad = torch.baddbmm(mm(basis, cct), y, gram, beta=2, alpha=2)
+    else:
+        grad = (basis @ cct).addmm_(y, gram, beta=2, alpha=2)
     if orth_reg:
         gram.diagonal(dim1=-2, dim2=-1).add_(1)
-        grad.add_(basis @ gram, alpha=4 * orth_reg)
+        grad.add_(mm(basis, gram), alpha=4 * orth_reg)
     return grad
 
 
@@ -305,8 +313,9 @@ class OnlinePCA:
 
     def _step(self, g, projected, state, step, lr_ratio, shard):
         norm = shard.norm(g, dim=(-2, -1), dtype=torch.float32)
-        keep = ~(torch.isfinite(norm) & (norm > 0))  # skip this matrix's P step
-        inv_norm = torch.where(keep, 0.0, norm.reciprocal()).view(-1, 1, 1)
+        # 1 / ||G||, and 0 where ||G|| is 0, not finite (or below 1e-38): those skip their step
+        inv_norm = norm.reciprocal_().nan_to_num_(0.0, 0.0, 0.0).view(-1, 1, 1)
+        keep = (inv_norm == 0).view(-1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
         one_sided = (ROWS in state) != (COLS in state)
         for key, x in ((ROWS, g), (COLS, g.mT)):
@@ -316,18 +325,19 @@ class OnlinePCA:
             basis = stored.float()  # the stored tensor itself when fp32
             c = None
             if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
-                c = (projected if key == ROWS else projected.mT).float().mul_(inv_norm)
+                c = torch.mul(projected if key == ROWS else projected.mT, inv_norm)  # fp32
             grad = pca_grad(basis, x, c, self.orth_reg, inv_norm, shard, rows_sharded=key == ROWS)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            saved = {k: v.clone() for k, v in sub.items() if torch.is_tensor(v)}
-            new = basis * (1 - lr * self.weight_decay) if self.weight_decay else basis
             rows = shard if key == ROWS else WHOLE  # a left basis: this rank's rows
-            new = new - self.storage.update(self.rule, grad, sub, lr, step, rows)
+            # B <- (1 - lr wd) B - delta: one op where the rule's update is linear in lr (it
+            # returns -delta for -lr)
+            linear = self.rule.scales_with_lr
+            delta = self.storage.update(self.rule, grad, sub, -lr if linear else lr, step, rows, keep=keep)
+            decay = 1 - lr * self.weight_decay
+            new = torch.add(delta, basis, alpha=decay) if linear else torch.sub(basis * decay, delta)
             if self.retract_every and step % self.retract_every == 0:
                 new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
-            for k, old in saved.items():
-                torch.where(keep.view((-1,) + (1,) * (old.dim() - 1)), old, sub[k], out=sub[k])
             if stored is basis:
                 torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
             else:  # 16-bit storage: one rounding of the fp32 result

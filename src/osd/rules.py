@@ -60,6 +60,7 @@ class Adam:
 
     moments = (("exp_avg",), ("exp_avg_sq",))
     elementwise = True  # every value's update depends on that value only (8-bit fused kernel)
+    scales_with_lr = True  # the update is lr times what the state gives: a factor may go into lr
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {
@@ -79,16 +80,62 @@ class Adam:
         beta1, beta2 = self.betas
         m = storage.load(state, "exp_avg")
         v = storage.load(state, "exp_avg_sq")
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        storage.store(state, "exp_avg", m)
-        storage.store(state, "exp_avg_sq", v)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        if self.eps_before_correction:
-            return (m / v.sqrt().add_(self.eps)).mul_(lr * bias_correction2**0.5 / bias_correction1)
-        denom = (v.sqrt() / bias_correction2**0.5).add_(self.eps)
-        return (m / denom).mul_(lr / bias_correction1)
+        if _fusable(g, m, v):
+            # torch's fused AdamW kernel, applied to a zero "parameter" with lr -> -lr: it
+            # becomes the update (2 kernels instead of 7). eps before correction is eps after
+            # correction divided by sqrt(bias_correction2)
+            eps = self.eps / bias_correction2**0.5 if self.eps_before_correction else self.eps
+            delta = torch.zeros_like(g)
+            torch._fused_adamw_(
+                [delta], [g], [m], [v], [], [step_tensor(step, g.device)],
+                lr=-lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False,
+            )  # fmt: skip
+        else:
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            if self.eps_before_correction:
+                delta = (m / v.sqrt().add_(self.eps)).mul_(lr * bias_correction2**0.5 / bias_correction1)
+            else:
+                delta = (m / (v.sqrt() / bias_correction2**0.5).add_(self.eps)).mul_(lr / bias_correction1)
+        storage.store(state, "exp_avg", m)
+        storage.store(state, "exp_avg_sq", v)
+        return delta
+
+
+_FUSED_DEVICES = ("cpu", "cuda", "meta", "mps", "xpu")
+_STEPS: dict = {}
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW kernel can take these tensors: one floating dtype, a
+    device it supports, contiguous, outside torch.compile (whose graphs keep the arithmetic)."""
+    first = tensors[0]
+    return (
+        first.device.type in _FUSED_DEVICES
+        and first.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        and all(t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def step_tensor(step: int, device: torch.device) -> torch.Tensor:
+    """``step`` as the 0-d fp32 tensor the fused kernel reads (and never writes), shared by
+    every stack at that step on that device: filled once per optimizer step (the weights'
+    step and the online-PCA bases' step), as :func:`forget_step_tensors` starts each anew."""
+    key = (device, step)
+    if key not in _STEPS:
+        if len(_STEPS) >= 8:  # updates driven without optimizer.step() (osd.Layerwise)
+            _STEPS.clear()
+        _STEPS[key] = torch.full((), float(step), device=device)
+    return _STEPS[key]
+
+
+def forget_step_tensors() -> None:
+    """Drop the cached step tensors (the optimizers call it at the start of each step, so
+    what a step dispatches does not depend on what ran before it)."""
+    _STEPS.clear()
 
 
 class _LrStepSize:
@@ -104,6 +151,7 @@ class Lion(_LrStepSize):
     betas: tuple[float, float] = (0.9, 0.99)
     moments = (("exp_avg",), ())
     elementwise = True
+    scales_with_lr = True
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return storage.zeros("exp_avg", shape, device, signed=True, dtype=dtype)
@@ -133,6 +181,7 @@ class Adafactor(_LrStepSize):
     clip_threshold: float = 1.0
     moments = (("exp_avg",), ())  # the factored second moment is not carried across bases
     elementwise = False  # factored moments and update clipping reduce over each tensor
+    scales_with_lr = False  # its first moment accumulates lr-scaled updates
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         shape = tuple(shape)
@@ -183,6 +232,7 @@ class SGD(_LrStepSize):
 
     moments = ((), ())
     elementwise = True
+    scales_with_lr = True
 
     def init(self, shape, device, storage: Storage = FP32, dtype=torch.float32):
         return {}
