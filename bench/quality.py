@@ -12,8 +12,9 @@ Methods (``--methods``; rank-``r`` rows for every ``--ranks`` value):
 * ``random``: random projection redrawn every T steps (``--proj_type random``);
 * ``apollo``, ``fira``: ``pytorch_optimizer.APOLLO`` (random projection, channel-wise
   scaling) and ``pytorch_optimizer.Fira`` (SVD projection + scaled full-rank residual);
-* our full-rank corrections (``--correction``, :mod:`osd.corrections`): ``galore_fira`` and
-  ``osd_fira`` (Fira's residual on the SVD / online-PCA projector), ``apollo_osd`` (APOLLO:
+* our full-rank corrections (``--correction``, :mod:`osd.corrections`): ``galore_fira``,
+  ``osd_fira`` and ``osd_sgd_fira`` (Fira's residual on the SVD / online-PCA projector; the
+  last with SGD on P, GaLore's and Fira's state size), ``apollo_osd`` (APOLLO:
   random projector, channel-wise scaled gradient) and ``osd_apollo`` (APOLLO's scaling on
   online PCA);
 * ablations of ``osd_adamw``: ``osd_transport`` (``--transport``), ``osd_orth``
@@ -41,16 +42,16 @@ sample otherwise):
 * ``gpu`` (issue [5/5]'s protocol, for one device call of at most 8 minutes on one H100, an
   estimate: it has not run yet): the blogs data (``../shared/data/blogs``), llama_60m, seq
   256, batch 32, 800 steps (about 5.1M non-pad tokens; blogs documents average 200 tokens of
-  256), bf16, rank 128, seeds 0 and 1, every method but the ablations (14). First a
+  256), bf16, rank 128, seeds 0 and 1, every method but the ablations (15). First a
   160-step lr-selection run per method and lr of its grid of 3 (seed 0), then both seeds at
-  the lr with the lowest selection loss: 42 + 28 runs, 4 at a time (``--jobs``).
+  the lr with the lowest selection loss: 45 + 30 runs, 4 at a time (``--jobs``).
   ``bash bench/gpu.sh --prepare-quality`` then ``STAGES=quality bash bench/gpu.sh`` on the
   device (see bench/gpu.sh).
 * ``cpu``: the same protocol scaled to this 2-core CPU (about 3 hours here with other work sharing the machine, 2
   runs at a time on one thread each): llama_9m, seq 128, batch 16, 150 steps (about 285k
   non-pad tokens, 18 times fewer than gpu, with a model 7 times smaller), fp32, rank 32
-  (1/4 of the width, as 128 of 512), 40-step selection runs, 13 methods (OSD with Lion on P
-  left out): 39 + 26 runs.
+  (1/4 of the width, as 128 of 512), 40-step selection runs, 14 methods (OSD with Lion on P
+  left out): 42 + 28 runs.
 
 In every preset online PCA's P lr follows the reference rule (1/200) * lr_t/lr_0 (its
 ``update_proj_gap`` only sets that lr). Seeds change the initial weights; the data order is
@@ -138,7 +139,7 @@ PRESETS = {
         jobs=4,  # runs at once on the one GPU (a 60m model leaves most of an H100 idle)
         threads=None,
         data="blogs",
-        ablations=False,  # default methods: all but the ablations (14)
+        ablations=False,  # default methods: all but the ablations (15)
     ),
     "cpu": dict(
         model_config="llama_9m",
@@ -152,7 +153,7 @@ PRESETS = {
         seeds=[0, 1],
         lr_grid=True,
         select_steps=40,
-        exclude=["osd_lion"],  # from the default methods: 13 left, 39 selection + 26 full runs
+        exclude=["osd_lion"],  # from the default methods: 14 left, 42 selection + 28 full runs
         jobs=2,  # one run per core, one thread each
         threads=1,
         data="blogs",
@@ -242,6 +243,7 @@ METHODS = [
     Method("fira", "Fira (pytorch-optimizer)", 1e-2, factory=fira),
     Method("galore_fira", "GaLore + Fira correction (osd)", 1e-2, flags=_osd("std", correction="fira")),
     Method("osd_fira", "OSD + Fira correction (osd)", 1e-2, flags=_osd("continuous", correction="fira")),
+    Method("osd_sgd_fira", "OSD + Fira, SGD on P (osd)", 1e-2, flags=_osd("continuous_sgd", correction="fira")),
     Method("apollo_osd", "APOLLO (osd, random projector)", 1e-2, flags=_osd("random", correction="apollo"), scale=1.0),
     Method("osd_apollo", "OSD + APOLLO scaling (osd)", 1e-2, flags=_osd("continuous", correction="apollo"), scale=1.0),
     Method("osd_transport", "OSD + transport", 1e-2, flags=_osd("continuous", transport=True), ablation=True),

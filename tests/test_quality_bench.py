@@ -170,10 +170,10 @@ def test_gpu_and_cpu_presets_plan_selection_then_full_runs(quality, capsys):
     assert quality.main(["--preset", "gpu", "--dry_run"]) == 0
     names = capsys.readouterr().out.split("\n")
     assert names[0] == "select-adamw-lr0.0003-s0" and "select-galore-r128-lr0.01-s0" in names
-    assert "osd_adamw-r128-lr?-s1" in names and names[-2] == "70 runs"  # 14 methods x 3 lrs + 14 x 2 seeds
+    assert "osd_adamw-r128-lr?-s1" in names and names[-2] == "75 runs"  # 15 methods x 3 lrs + 15 x 2 seeds
     assert quality.main(["--preset", "cpu", "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "osd_lion" not in out and "select-osd_fira-r32-lr0.01-s0" in out and "65 runs" in out
+    assert "osd_lion" not in out and "select-osd_sgd_fira-r32-lr0.01-s0" in out and "70 runs" in out
     args = quality.parse_args(["--preset", "gpu"])
     assert args.jobs == 4 and args.cfg["dtype"] == "bfloat16" and "blogs-train" in args.cfg["train_data"]
     spec = quality.run_spec(quality.BY_KEY["galore"], 128, 0, 0.01, args.cfg, select=True)

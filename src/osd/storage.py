@@ -9,10 +9,11 @@ the engine for a step, see :mod:`osd.engine`):
 * 8-bit (:class:`Blockwise8bit`): ``KEY`` holds the uint8 codes (the moment's shape),
   ``KEY.scale`` one fp32 absmax per block of 256 values, ``KEY.signed`` a bool. The codes
   index torchao's dynamic-tree quantisation map (Dettmers et al. 2022) and are torchao's
-  codes exactly (its quantiser rounds to the nearest map entry, ties up): found by one
-  ``torch.bucketize`` on the map's exact rounding thresholds instead of torchao's 8-step
-  branchless search, which dispatches about 40 ops per tensor (:func:`_thresholds`),
-  on whole stacks at once. torchao is imported only when 8-bit storage is used (for its map).
+  codes exactly (its quantiser rounds to the nearest map entry, ties up), computed on whole
+  stacks at once from the map's exact rounding thresholds (:func:`_thresholds`): eagerly by
+  one ``torch.bucketize`` (torchao's eager 8-step search dispatches about 40 ops), compiled
+  by that search (:func:`_codes`). torchao is imported only when 8-bit storage is used (for
+  its map).
 
 This layout is also what ``state_dict()`` holds, so checkpoints load with
 ``torch.load(weights_only=True)`` without torchao, and checkpoints written by earlier
@@ -195,9 +196,9 @@ class Blockwise8bit(Storage):
     function (``True``), or a compiled dequantiser and quantiser around the rule's eager
     arithmetic (``False``). ``None`` (the default) fuses on CUDA only, as measured by
     ``bench/eightbit.py`` (one Adam update of 64M values in 16 tensors): 4.1 against 4.6 ms
-    on an H100; 1M values in 4 tensors on a 2-core CPU: 87 against 26 ms. Both are far from torchao's own compiled
-    update of one flat tensor with static shapes (0.9 ms on the H100) and from
-    bitsandbytes' kernel (2.7 ms): README, "8-bit state"."""
+    on an H100; 1M values in 4 tensors on a 2-core CPU: 87 against 26 ms. Both are far from
+    torchao's own compiled update of one flat tensor with static shapes (0.9 ms on the H100)
+    and from bitsandbytes' kernel (2.7 ms): README, "8-bit state"."""
 
     def __init__(self, block_size: int = 256, min_numel: int = 4096, compile: bool = True, fused: bool | None = None):
         self.block_size = block_size
