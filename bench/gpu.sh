@@ -6,7 +6,7 @@
 # bench/svd.py (exact against randomized SVD), bench/eightbit.py (8-bit update backends) and
 # bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]); opt-in
 # with STAGES=glue: bench/glue.py --preset gpu (480 s; issue [6]; needs the shared data, see below)
-# and STAGES=quality: bench/quality.py --preset gpu (540 s; issue [5/5]; after --prepare-quality).
+# and STAGES=quality: bench/quality.py --preset gpu (timeout 540 s; its 75 runs need about 580 s by estimate, so a second call on the warm machine may finish them; issue [5/5]; after --prepare-quality).
 # One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
 # (560 s on 2026-11-26) and STAGES="svd eightbit fsdp". The throughput rows are written after each
 # row, so a timeout keeps what finished; rerun the rest with bench/throughput.py --sizes
