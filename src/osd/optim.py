@@ -237,7 +237,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return (
             "rank" not in group
             and self.storage is FP32
-            and dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            and dtype in rules.FUSED_DTYPES
             and isinstance(self.rule(group), Adam)
         )
 
@@ -340,11 +340,9 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             scale = 1.0
             if decay:
                 update.mul_(-1 / decay)
-        elif folded:
-            update = projectors.project_back(delta.to(g.dtype), bases)
-        elif decay:
+        elif decay and not folded:
             update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
-        else:
+        else:  # the factor is in delta already (folded), or there is none
             update = projectors.project_back(delta.to(g.dtype), bases)
         if decay:
             engine.lerp(params, update, decay)

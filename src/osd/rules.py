@@ -105,6 +105,7 @@ class Adam:
 
 
 _FUSED_DEVICES = ("cpu", "cuda", "meta", "mps", "xpu")
+FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # torch's fused AdamW kernel
 _STEPS: dict = {}
 
 
@@ -114,7 +115,7 @@ def _fusable(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     return (
         first.device.type in _FUSED_DEVICES
-        and first.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        and first.dtype in FUSED_DTYPES
         and all(t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
         and not torch.compiler.is_compiling()
     )

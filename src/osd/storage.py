@@ -250,12 +250,11 @@ class Blockwise8bit(Storage):
     def _scratch(self, state):
         # 8-bit moments need no copy: load dequantises into a new tensor, and store puts the
         # new codes and scales in the scratch dict instead of writing them over the old ones
-        quantized = {k for k in state if k + SCALE in state}
-        out = _Scratch()
+        scratch = _Scratch(state)
         for k, v in state.items():
-            owner = k[: -len(SCALE)] if k.endswith(SCALE) else k
-            out[k] = v.clone() if torch.is_tensor(v) and owner not in quantized else v
-        return out
+            if torch.is_tensor(v) and k + SCALE not in state and not k.endswith(SCALE):
+                scratch[k] = v.clone()
+        return scratch
 
     def load(self, state, key):
         if key + SCALE not in state:
