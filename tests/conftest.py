@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 SHAPES = {"tall": (48, 24), "wide": (24, 48), "square": (32, 32)}
+# The subspace options of the OSD paper and its reference code (AdamW on P, no full-rank
+# correction); the library's defaults are SGD on P and Fira's correction (README).
+OSD_PAPER = {"proj_optimizer": "adamw", "correction": "none"}
 
 
 @pytest.fixture(autouse=True)

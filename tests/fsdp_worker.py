@@ -40,8 +40,8 @@ from osd import dcp
 STEPS = 6
 SAVE_AT = 3
 BATCH = 64
-# every case: (optimizer class, param_groups options); update gap 2 refreshes SVD and random
-# bases at steps 0, 2, 4
+# every case: (optimizer class, param_groups options, over the library's defaults: SGD on P,
+# Fira's residual); update gap 2 refreshes SVD and random bases at steps 0, 2, 4
 CASES = {
     "online_pca-adamw": (osd.AdamW, dict(projector="online_pca")),
     "svd-adamw": (osd.AdamW, dict(projector="svd")),
@@ -70,10 +70,17 @@ CASES = {
     "random-adafactor-beta1": (functools.partial(osd.Adafactor, beta1=0.9), dict(projector="random")),
     "online_pca-proj_adafactor": (osd.AdamW, dict(projector="online_pca", proj_optimizer="adafactor")),
     # osd.Layerwise: each shard updated in the hook FSDP2 calls after its reduce-scatter,
-    # accumulating 2 micro-batches (per-parameter clipping: norms over all ranks)
-    "online_pca-layerwise": (osd.AdamW, dict(projector="online_pca", layerwise=2)),
-    "online_pca-adamw8bit-layerwise": (osd.AdamW8bit, dict(projector="online_pca", layerwise=2)),
+    # accumulating 2 micro-batches (per-parameter clipping: norms over all ranks). Without
+    # Fira's residual where the first basis is an SVD: its per-column ratio ||D_j|| / ||R_j||
+    # turns rounding-level differences in near-zero columns of the clipped projection into
+    # 2e-3 of the weights here (sharded or not: what the test compares is the sharding)
+    "online_pca-layerwise": (osd.AdamW, dict(projector="online_pca", layerwise=2, correction="none")),
+    "online_pca-adamw8bit-layerwise": (
+        osd.AdamW8bit,
+        dict(projector="online_pca", layerwise=2, correction="none"),
+    ),
     "random-lion-layerwise": (osd.Lion, dict(projector="random", layerwise=2)),
+    "random-fira-layerwise": (osd.AdamW, dict(projector="random", layerwise=2)),
 }
 
 

@@ -83,26 +83,32 @@ def test_equals_ordinary_stepping_without_accumulation(projector):
 
 @pytest.mark.parametrize("cls", [osd.AdamW, osd.Lion, osd.Adafactor, osd.AdamW8bit])
 def test_equals_ordinary_accumulation_random_projection(cls):
-    """Random bases need no gradient, so projected accumulation is exact (linearity)."""
+    """Random bases need no gradient, so projected accumulation is exact (linearity), where
+    no full-rank correction needs the full gradient."""
     data = batches(7, 4)
-    ref_model, ref_opt = make("random", cls)
+    ref_model, ref_opt = make("random", cls, correction="none")
     train(ref_model, ref_opt, data)
-    model, inner = make("random", cls)
+    model, inner = make("random", cls, correction="none")
     train(model, osd.Layerwise(inner, accumulation_steps=4), data)
     assert rel(model, ref_model) < 1e-5
 
 
+@pytest.mark.parametrize("correction", ["none", "fira"])
 @pytest.mark.parametrize("projector", ["svd", "online_pca"])
-def test_close_to_ordinary_accumulation(projector):
+def test_close_to_ordinary_accumulation(projector, correction):
     """SVD refreshes use the first micro-batch gradient and the online-PCA step the last,
     so with accumulation 4 training is close to, not equal to, ordinary accumulation:
-    the loss curves agree (measured: at most 0.6% (svd) and 2.7% (online_pca) apart at any
-    step) while the weights drift apart slowly (different but equally good bases)."""
+    without a correction the loss curves agree (measured: at most 0.6% (svd) and 4.1%
+    (online_pca) apart at any step) while the weights drift apart slowly (different but
+    equally good bases). Fira's residual comes from the last micro-batch, times 4: both
+    runs fall to a few percent of the first loss, and the curves stay within 11% of the
+    first loss of each other (measured 10.3% and 10.4%; with the last micro-batch's residual
+    as it is, the per-layer run ended 8x (svd) and 34x (online_pca) higher)."""
     data = batches(30, 4)
     test = batches(1, 1, seed=9)[0][0]
     curves = []
     for wrap in (False, True):
-        model, opt = make(projector)
+        model, opt = make(projector, correction=correction)
         if wrap:
             opt = osd.Layerwise(opt, accumulation_steps=4)
         curve = []
@@ -112,9 +118,14 @@ def test_close_to_ordinary_accumulation(projector):
                 curve.append(loss_of(model, test).item())
         curves.append(curve)
     ordinary, layerwise = curves
-    assert ordinary[-1] < 0.6 * ordinary[0]  # it learns
-    for a, b in zip(ordinary, layerwise, strict=True):
-        assert abs(a - b) / a < 0.05, (a, b)
+    if correction == "none":
+        assert ordinary[-1] < 0.6 * ordinary[0]  # it learns
+        for a, b in zip(ordinary, layerwise, strict=True):
+            assert abs(a - b) / a < 0.05, (a, b)
+    else:
+        assert max(ordinary[-1], layerwise[-1]) < 0.1 * ordinary[0], (ordinary[-1], layerwise[-1])
+        for a, b in zip(ordinary, layerwise, strict=True):
+            assert abs(a - b) < 0.11 * ordinary[0], (a, b)
 
 
 def test_one_update_per_step_and_scheduler_lr():

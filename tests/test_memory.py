@@ -34,19 +34,24 @@ def tokens(batch, seq):
     return torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
-# (estimator arguments, optimizer factory)
+# (estimator arguments, optimizer factory); the estimator's defaults are osd-train's (AdamW on
+# P, no correction), the library's SGD on P and Fira's correction
+NONE = dict(correction="none")
 CASES = {
     "adamw": (dict(optimizer="adamw"), lambda m: osd.AdamW(m.parameters())),
     "adamw8bit": (dict(optimizer="adamw8bit"), lambda m: osd.AdamW8bit(m.parameters())),
-    "galore": (dict(optimizer="galore", rank=32), lambda m: osd.AdamW(osd.param_groups(m, 32, projector="svd"))),
+    "galore": (
+        dict(optimizer="galore", rank=32),
+        lambda m: osd.AdamW(osd.param_groups(m, 32, projector="svd", **NONE)),
+    ),
     "galore8bit": (
         dict(optimizer="galore", rank=32, eight_bit=True),
-        lambda m: osd.AdamW8bit(osd.param_groups(m, 32, projector="svd")),
+        lambda m: osd.AdamW8bit(osd.param_groups(m, 32, projector="svd", **NONE)),
     ),
     **{
         f"osd_{po}": (
             dict(optimizer="osd", rank=32, proj_optimizer=po),
-            lambda m, po=po: osd.AdamW(osd.param_groups(m, 32, proj_optimizer=po)),
+            lambda m, po=po: osd.AdamW(osd.param_groups(m, 32, proj_optimizer=po, **NONE)),
         )
         for po in ("adamw", "adam8bit", "lion", "adafactor", "sgd")
     },
@@ -54,14 +59,25 @@ CASES = {
         f"{name}_bf16_bases": (
             dict(optimizer=name, rank=32, basis_dtype="bfloat16", eight_bit=name == "osd"),
             lambda m, name=name: (osd.AdamW8bit if name == "osd" else osd.AdamW)(
-                osd.param_groups(m, 32, projector="svd" if name == "galore" else "online_pca", basis_dtype="bfloat16")
+                osd.param_groups(
+                    m,
+                    32,
+                    projector="svd" if name == "galore" else "online_pca",
+                    basis_dtype="bfloat16",
+                    proj_optimizer="adamw",
+                    **NONE,
+                )
             ),
         )
         for name in ("galore", "osd")
     },
     "osd8bit": (
         dict(optimizer="osd", rank=32, eight_bit=True, proj_optimizer="adam8bit"),
-        lambda m: osd.AdamW8bit(osd.param_groups(m, 32, proj_optimizer="adam8bit")),
+        lambda m: osd.AdamW8bit(osd.param_groups(m, 32, proj_optimizer="adam8bit", **NONE)),
+    ),
+    "osd_library_defaults": (
+        dict(optimizer="osd", rank=32, proj_optimizer="sgd", correction="fira"),
+        lambda m: osd.AdamW(osd.param_groups(m, 32)),
     ),
 }
 
@@ -232,6 +248,16 @@ UPDATES = {
         "adam8bit",
     ),
     "osd_fira": (osd.AdamW, {"correction": "fira"}, False, "adamw"),
+    "osd_apollo": (osd.AdamW, {"correction": "apollo"}, False, "adamw"),
+    "galore8_apollo_mini": (osd.AdamW8bit, {"projector": "svd", "correction": "apollo_mini"}, True, None),
+    "osd_defaults": (osd.AdamW, {"correction": "fira", "proj_optimizer": "sgd"}, False, "sgd"),
+    "osd8_defaults": (osd.AdamW8bit, {"correction": "fira", "proj_optimizer": "sgd"}, True, "sgd"),
+    "osd8_adam8_fira_bf16_bases": (
+        osd.AdamW8bit,
+        {"correction": "fira", "proj_optimizer": "adam8bit", "basis_dtype": "bfloat16"},
+        True,
+        "adam8bit",
+    ),
 }
 
 
@@ -245,6 +271,7 @@ def test_update_temporaries_bound_what_a_step_allocates(update, dtype):
     from osd.memory import update_temporaries
 
     cls, group, eight_bit, proj_optimizer = UPDATES[update]
+    group = {"correction": "none", **({"proj_optimizer": proj_optimizer} if proj_optimizer else {}), **group}
     for shape, rank in (((512, 1376), 128), ((512, 512), 256), ((1024, 512), 32)):
         gen = torch.Generator().manual_seed(0)
         w = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype]))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHAPES, assert_close_traj, loss_fn, quadratic_problem, run
+from conftest import OSD_PAPER, SHAPES, assert_close_traj, loss_fn, quadratic_problem, run
 
 import osd
 
@@ -85,7 +85,7 @@ def test_svd_adamw_equals_galore_torch(shape):
     )
     ours = run(
         lambda p: osd.AdamW(
-            [{"params": p, "projector": "svd", "update_gap": 10, "side": "auto", **common}],
+            [{"params": p, "projector": "svd", "update_gap": 10, "side": "auto", "correction": "none", **common}],
             lr=1e-2,
             weight_decay=0.0,
         ),
@@ -112,7 +112,7 @@ def test_svd_sides_equal_galore_torch(side, proj_type):
     )
     ours = run(
         lambda p: osd.AdamW(
-            [{"params": p, "rank": 8, "projector": "svd", "update_gap": 10, "side": side}],
+            [{"params": p, "rank": 8, "projector": "svd", "update_gap": 10, "side": side, "correction": "none"}],
             lr=1e-2,
             weight_decay=0.0,
         ),
@@ -139,7 +139,9 @@ def test_svd_adafactor_equals_galore_torch(shape):
         batches,
     )
     ours = run(
-        lambda p: osd.Adafactor([{"params": p, "rank": 8, "projector": "svd", "update_gap": 10}], **kw),
+        lambda p: osd.Adafactor(
+            [{"params": p, "rank": 8, "projector": "svd", "update_gap": 10, "correction": "none"}], **kw
+        ),
         w0,
         batches,
     )
@@ -196,7 +198,7 @@ def test_online_pca_adamw_equals_reference(shape):
     w0, batches = quadratic_problem(shape, STEPS)
     ref = run(lambda p: ReferenceOSD(p[0], rank=8, lr=1e-2, gap=10, scale=0.25), w0, batches)
     ours = run(
-        lambda p: osd.AdamW([{"params": p, "rank": 8, "update_gap": 10}], lr=1e-2, weight_decay=0.0),
+        lambda p: osd.AdamW([{"params": p, "rank": 8, "update_gap": 10, **OSD_PAPER}], lr=1e-2, weight_decay=0.0),
         w0,
         batches,
     )

@@ -120,17 +120,19 @@ def test_tall_conv_weight_viewed_as_matrix():
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
 def test_state_bytes_formula(shape, proj_optimizer, basis_opt_elems):
     """background.md §1: 2*max(m,n)*r + min(m,n)*r fp32, plus the basis optimizer's state
-    (AdamW 2*min*r, Lion min*r, SGD none)."""
+    (AdamW 2*min*r, Lion min*r, SGD none), plus one fp32 norm with a full-rank correction
+    (Fira's, the default)."""
     m, n = shape
     r = 8
     w = torch.nn.Parameter(torch.randn(m, n))
-    opt = osd.AdamW([{"params": [w], "rank": r, "proj_optimizer": proj_optimizer}])
-    w.grad = torch.randn(m, n)
-    opt.step()
-    expected = 4 * (2 * max(m, n) * r + min(m, n) * r + basis_opt_elems * min(m, n) * r)
-    assert opt.state_bytes() == expected
-    assert opt.state_bytes(0) == expected
-    svd = osd.AdamW([{"params": [w], "rank": r, "projector": "svd"}])
+    for correction, norm in (("none", 0), ("fira", 1)):
+        opt = osd.AdamW([{"params": [w], "rank": r, "proj_optimizer": proj_optimizer, "correction": correction}])
+        w.grad = torch.randn(m, n)
+        opt.step()
+        expected = 4 * (2 * max(m, n) * r + min(m, n) * r + basis_opt_elems * min(m, n) * r + norm)
+        assert opt.state_bytes() == expected
+        assert opt.state_bytes(0) == expected
+    svd = osd.AdamW([{"params": [w], "rank": r, "projector": "svd", "correction": "none"}])
     svd.step()
     assert svd.state_bytes() == 4 * (2 * max(m, n) * r + min(m, n) * r)
     full = osd.AdamW([w])

@@ -121,8 +121,8 @@ def build_optimizer(model, args, target_modules=None):
             options["basis_dtype"] = args.basis_dtype
         if getattr(args, "svd_method", "exact") != "exact":
             options["svd_method"] = args.svd_method
-        if getattr(args, "correction", "none") != "none":
-            options["correction"] = args.correction
+        # always explicit: the library's default correction (fira) is not the seed's (none)
+        options["correction"] = getattr(args, "correction", "none")
         groups = osd.param_groups(model, args.rank, target_modules or osd.groups.TARGET_MODULES, **options)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

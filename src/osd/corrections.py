@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from osd.projectors import COLS, CORRECTIONS, ROWS, project_back, projected_layout
+from osd.projectors import COLS, CORRECTIONS, ROWS, project_back_add, projected_layout
 from osd.shards import WHOLE, Whole
 
 __all__ = ["CORRECTIONS", "update"]
@@ -63,38 +63,53 @@ def update(
     scale: float,
     state: dict,
     shard: Whole = WHOLE,
+    alpha: float = 1.0,
+    micro_batches: int = 1,
 ) -> torch.Tensor:
-    """The full-space update of a stack (``W <- W - update``, before weight decay), in
-    ``g``'s dtype, for the correction ``kind``; it replaces the plain ``scale * B delta``.
-    ``g_projected`` is the projection of ``g``, ``r`` what the rule saw (the same unless
-    accumulating), ``delta`` the rule's update of ``r`` and ``step_size`` its factor over the
-    normalised direction (``rule.step_size``). Creates or updates ``state[NORM_KEY]``, but at
-    a step of learning rate 0, where the rule's update says nothing of its direction (the
-    references read the direction before the learning rate; the difference: the limiter's
-    first norm comes from the next step)."""
+    """``alpha`` times the full-space update of a stack (``W <- W - update``, before weight
+    decay), in ``g``'s dtype, for the correction ``kind``; it replaces the plain
+    ``scale * B delta``. ``g_projected`` is the projection of ``g``, ``r`` what the rule saw
+    (fp32; the same unless accumulating), ``delta`` the rule's update of ``r`` and
+    ``step_size`` its factor over the normalised direction (``rule.step_size``). Creates or
+    updates ``state[NORM_KEY]``, but at a step of learning rate 0, where the rule's update
+    says nothing of its direction (the references read the direction before the learning
+    rate; the difference: the limiter's first norm comes from the next step).
+
+    ``micro_batches``: ``g`` is the last of this many micro-batches whose projections ``r``
+    sums (``osd.Layerwise`` accumulating without full gradients), so the base (the residual,
+    or APOLLO's gradient) of the sum is estimated as ``micro_batches`` times ``g``'s.
+
+    The term is never materialised in fp32: its norm (for the limiter) comes from the
+    channel norms of its base (``||base * phi||^2 = sum phi^2 ||base channel||^2``), and
+    the base (a new tensor for Fira, ``G - scale B P`` in one ``baddbmm``) is scaled in
+    place, then the subspace update is added to it (Fira): the update allocates one
+    ``m x n`` tensor in ``g``'s dtype, as an update without a correction, and a few fp32
+    numbers per row or column (``osd.memory.CORRECTION_TEMPORARIES``)."""
     if step_size == 0:  # lr 0 (a warmup's first step): no update, and no ratio to take
         return torch.zeros_like(g)
+    dims = _ratio_dims(bases) if kind != "apollo_mini" else (-2, -1)
     if kind == "fira":
-        dims, base = _ratio_dims(bases), g - project_back(g_projected.to(g.dtype), bases) * scale
-    else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise
-        dims, base = (_ratio_dims(bases) if kind == "apollo" else (-2, -1)), g
+        base = project_back_add(g, g_projected.to(g.dtype), bases, -scale)
+    else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise (and by scale)
+        base, alpha = g, alpha * scale
     r_rows = projected_layout(shard, bases)
-    normalised = r_rows.norm(delta, dim=dims, keepdim=True) / step_size
-    phi = normalised / (r_rows.norm(r.float(), dim=dims, keepdim=True) + 1e-8)
-    term = _limited(base.float() * phi, state, shard).mul_(step_size)  # never in place: base may be G itself
-    if kind == "fira":
-        return project_back(delta.to(g.dtype), bases).mul_(scale).add_(term.to(g.dtype))
-    return term.mul_(scale).to(g.dtype)
-
-
-def _limited(term: torch.Tensor, state: dict, shard: Whole = WHOLE) -> torch.Tensor:
-    """Fira's norm-growth limiter: each matrix's ``term`` divided so that its norm grows at
-    most ``LIMIT`` times per step; the limited norm is kept in ``state[NORM_KEY]``."""
-    norm = shard.norm(term, dim=(-2, -1))
-    if NORM_KEY in state:
-        limiter = (norm / (state[NORM_KEY] + 1e-8)).clamp_(min=LIMIT) / LIMIT
-        term.div_(limiter.view(-1, 1, 1))
-        state[NORM_KEY].copy_(norm / limiter)
+    # phi times the step size: the rule's update over the projected gradient, per channel
+    phi = r_rows.norm(delta, dim=dims, keepdim=True)
+    phi.div_(r_rows.norm(r, dim=dims, keepdim=True).add_(1e-8))
+    if micro_batches != 1:
+        phi.mul_(micro_batches)
+    # the term's norm (times the step size); channels over rows are complete on every rank
+    channels = shard.norm(base, dim=dims, keepdim=True, dtype=torch.float32).mul_(phi)
+    norm = (WHOLE if -2 in dims else shard).norm(channels, dim=(-2, -1))
+    if NORM_KEY in state:  # Fira's norm-growth limiter: the norm grows at most LIMIT-fold
+        previous = state[NORM_KEY]
+        limiter = torch.div(norm, previous.add_(1e-8)).clamp_(min=LIMIT * step_size)  # LIMIT step_size x
+        torch.div(norm, limiter, out=previous).mul_(LIMIT)
+        phi.div_(limiter.view(-1, 1, 1))
+        beta = alpha * LIMIT * step_size
     else:
-        state[NORM_KEY] = norm
-    return term
+        state[NORM_KEY] = norm.div_(step_size)
+        beta = alpha
+    if kind == "fira":  # beta (base phi) + alpha scale B delta
+        return project_back_add(base.mul_(phi), delta.to(g.dtype), bases, alpha * scale, beta)
+    return torch.mul(base, phi, out=torch.empty_like(g)).mul_(beta)  # fp32 maths, g's dtype

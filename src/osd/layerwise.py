@@ -15,6 +15,9 @@ Gradient accumulation over ``accumulation_steps`` micro-batches, without full gr
   (every ``update_gap`` steps) is computed from the FIRST micro-batch gradient of that
   step, and the online-PCA step on P after the update from the LAST micro-batch gradient
   (the PCA loss normalises G, so its scale does not matter). Random bases need no gradient.
+  A full-rank correction (Fira, the default; APOLLO) also needs the full gradient: it takes
+  the last micro-batch's residual (APOLLO: gradient) times ``accumulation_steps`` for the
+  sum's, an estimate.
 * plain parameters (embeddings, norms, head) accumulate their full gradient in ``.grad``
   as usual and are updated, then freed, at the last micro-batch.
 
@@ -134,7 +137,8 @@ class Layerwise(torch.optim.Optimizer):
         g_projected = opt.project([p], g)
         r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
         if last:  # r holds this rank's rows when only the right side is projected
-            opt.finish([p], self._clip(r, projectors.projected_layout(layout, state)), g, g_projected)
+            clipped = self._clip(r, projectors.projected_layout(layout, state))
+            opt.finish([p], clipped, g, g_projected, micro_batches=self.accumulation_steps)
         else:
             state["accum"] = r[0]
 

@@ -113,10 +113,9 @@ PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
 PROJECTED = (8, 12)
 RULE_8BIT = (24.1, 26.1)
 BASIS_STEP = {"adamw": 17, "adam8bit": 25.1, "lion": 17, "adafactor": 17, "sgd": 17}
-# A full-rank correction (osd.corrections) adds an fp32 m x n term, and holds CORRECTED per P
-# beside it (measured the same way).
+# A full-rank correction (osd.corrections) scales the m x n update in place: it adds its
+# channel norms and ratios, CORRECTION_TEMPORARIES bytes per row or column of the larger side.
 CORRECTION_TEMPORARIES = 8
-CORRECTED = (8, 10.1)
 
 
 def update_temporaries(
@@ -141,10 +140,11 @@ def update_temporaries(
     p, q = max(m, n) * r, min(m, n) * r
     bf16_bases = basis_dtype == "bfloat16"
     cast = (4 if bf16_bases else 0) if e == 4 else (0 if bf16_bases else e)
-    if correction == "none":
-        projecting_back = e * m * n + PROJECTED[half] * p + cast * q
-    else:  # the full-space update replaces the cast rule update
-        projecting_back = (e + CORRECTION_TEMPORARIES) * m * n + CORRECTED[half] * p + cast * q
+    projecting_back = e * m * n + PROJECTED[half] * p + cast * q
+    if correction != "none":
+        projecting_back += CORRECTION_TEMPORARIES * max(m, n)
+        if correction != "fira" and half:  # APOLLO projects nothing back: no 16-bit copy of the rule's update
+            projecting_back -= e * p
     phases = [projecting_back]
     if eight_bit:
         phases.append(RULE_8BIT[half] * p)
@@ -336,7 +336,7 @@ def estimate(
     longer than the model's positions and a basis optimizer for anything but osd are
     refused); a rank above a matrix's smaller side is clamped, as the optimizer does, with a
     warning. ``correction`` (galore/osd: none, fira, apollo, apollo_mini) adds one fp32 norm
-    per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per element of the update.
+    per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per row or column to the update.
     ``basis_dtype`` (galore/osd: float32, bfloat16) is the bases' storage dtype.
     ``loss_chunk`` (``osd-train --loss_chunk``): token positions per chunk of the output head
     and loss, 0 for the whole micro-batch.

@@ -307,10 +307,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return projectors.project(g, bases, shards.layout(params))
 
     @torch.no_grad()
-    def finish(self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor) -> None:
+    def finish(
+        self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor, micro_batches: int = 1
+    ) -> None:
         """Finish a step of a subspace stack from the projected gradients ``r``: the rule,
         projection back, weight decay and apply, then the projector's own update, which sees
-        the gradients ``g`` and their projection (the same as ``r`` unless accumulating)."""
+        the gradients ``g`` and their projection (the same as ``r`` unless accumulating: then
+        ``g`` is the last of ``micro_batches`` micro-batches, and a full-rank correction
+        takes ``micro_batches`` times its residual for the sum's)."""
         group = self._stack_group(params)
         rule, projector = self.rule(group), projectors.from_group(group)
         states = [self.state[p] for p in params]
@@ -335,11 +339,12 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         delta = self.storage.update(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout)
         if correction != "none":  # a full-space update (scale included): m x n anyway
             step_size = rule.step_size(lr, step + 1)
-            update = corrections.update(correction, g, g_projected, r, delta, step_size, bases, scale, st, shard)
+            alpha = -1 / decay if decay else 1.0
+            update = corrections.update(
+                correction, g, g_projected, r, delta, step_size, bases, scale, st, shard, alpha, micro_batches
+            )
             engine.add_new_state(states, st)
             scale = 1.0
-            if decay:
-                update.mul_(-1 / decay)
         elif decay and not folded:
             update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
         else:  # the factor is in delta already (folded), or there is none
@@ -378,16 +383,17 @@ class SubspaceOptimizer(torch.optim.Optimizer):
 
     def _count_skips(self, skipped: torch.Tensor) -> None:
         """Add a step's skipped basis updates ((k,) bool, on the device) to the counter."""
-        counts = self.__dict__.setdefault("_skips", {})
-        if skipped.device not in counts:
-            counts[skipped.device] = torch.zeros((), dtype=torch.int64, device=skipped.device)
-        counts[skipped.device].add_(skipped.sum())
+        counts = self.__dict__.setdefault("_skips", {})  # one counter per matrix of a stack size: one op
+        key = (skipped.device, skipped.numel())
+        if key not in counts:
+            counts[key] = torch.zeros(skipped.numel(), dtype=torch.int64, device=skipped.device)
+        counts[key].add_(skipped)
 
     def basis_updates_skipped(self) -> int:
         """How many matrix basis updates were skipped since this optimizer was built because
         the gradient was zero or not finite (online PCA's step on P, an SVD refresh): the
         basis stayed as it was. Reading it synchronises with the device."""
-        return sum(int(c.item()) for c in self.__dict__.get("_skips", {}).values() if c.device.type != "meta")
+        return sum(int(c.sum().item()) for c in self.__dict__.get("_skips", {}).values() if c.device.type != "meta")
 
     def _plain_update(self, params, grads, group):
         rule = self.rule(group)

@@ -100,6 +100,22 @@ def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
     return d
 
 
+def project_back_add(
+    out: torch.Tensor, d: torch.Tensor, bases: dict, alpha: float, beta: float | None = None
+) -> torch.Tensor:
+    """``out + alpha * project_back(d, bases)`` for stacks (``k x ...``), the last product
+    fused with the addition (``baddbmm``); with ``beta``, ``beta * out + ...`` in place."""
+    if ROWS in bases and COLS in bases:
+        left, right = mm(bases[ROWS].to(d.dtype), d), bases[COLS].to(d.dtype).mT
+    elif ROWS in bases:
+        left, right = bases[ROWS].to(d.dtype), d
+    else:
+        left, right = d, bases[COLS].to(d.dtype).mT
+    if beta is None:
+        return torch.baddbmm(out, left, right, alpha=alpha)
+    return out.baddbmm_(left, right, beta=beta, alpha=alpha)
+
+
 SVD_METHODS = ("exact", "randomized")
 CORRECTIONS = (
     "none",
@@ -333,9 +349,12 @@ class OnlinePCA:
             # B <- (1 - lr wd) B - delta: one op where the rule's update is linear in lr (it
             # returns -delta for -lr)
             linear = self.rule.scales_with_lr
-            delta = self.storage.update(self.rule, grad, sub, -lr if linear else lr, step, rows, keep=keep)
             decay = 1 - lr * self.weight_decay
-            new = torch.add(delta, basis, alpha=decay) if linear else torch.sub(basis * decay, delta)
+            if isinstance(self.rule, SGD) and decay == 1:  # no state, no decay: one op
+                new = torch.add(basis, grad, alpha=-lr)
+            else:
+                delta = self.storage.update(self.rule, grad, sub, -lr if linear else lr, step, rows, keep=keep)
+                new = torch.add(delta, basis, alpha=decay) if linear else torch.sub(basis * decay, delta)
             if self.retract_every and step % self.retract_every == 0:
                 new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
             if stored is basis:
@@ -352,7 +371,7 @@ SUBSPACE_DEFAULTS = {
     "update_gap": 200,
     "scale": 0.25,
     "side": "auto",
-    "proj_optimizer": "adamw",
+    "proj_optimizer": "sgd",
     "proj_lr": None,
     "proj_weight_decay": None,
     "orth_reg": 0.0,
@@ -360,7 +379,7 @@ SUBSPACE_DEFAULTS = {
     "transport": False,
     "proj_dtype": "auto",
     "svd_method": "exact",
-    "correction": "none",
+    "correction": "fira",
     "basis_dtype": "float32",
 }
 
