@@ -23,7 +23,9 @@ def llama(size="llama_9m", dtype="float32"):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.LlamaForCausalLM(model_config(size)).to(DTYPES[dtype])
+        model = transformers.LlamaForCausalLM(model_config(size)).to(DTYPES[dtype])
+    osd.lean.apply(model)  # as osd-train's models
+    return model
 
 
 def nbytes(tensors):

@@ -23,21 +23,25 @@
     keep the plain rule.
 
 * **activations**: what autograd saves in the forward pass of Hugging Face's
-  ``LlamaForCausalLM`` (SDPA attention, no dropout, no padding mask), plus the logits and
-  the loss's fp32 gradient buffers at the start of backward. Per token, with e = bytes of
+  ``LlamaForCausalLM`` (SDPA attention, no dropout, no padding mask) with the lean RMSNorm
+  and SwiGLU of :mod:`osd.lean` (which ``osd-train`` applies), plus the logits and the
+  loss's fp32 gradient buffers at the start of backward. Per token, with e = bytes of
   ``dtype``, h hidden, i intermediate, a heads, k key/value heads, d head dim, V vocab::
 
-      decoder layer   2 RMSNorms   2 (4h + 2eh + 4)      fp32 input copy, normed x, output, rsqrt
+      decoder layer   2 RMSNorms   2 (2eh + 4)           input, output, 1 / rms
                       attention    e (2ad + 2kd) + 4a    q, k (after RoPE), v, SDPA output, fp32 logsumexp
-                      MLP          4ei                   gate, silu(gate), up, silu(gate)*up
-      head            final norm   4h + 2eh + 4
+                      MLP          3ei                   gate, up, silu(gate)*up
+      head            final norm   2eh + 4
                       logits       eV + 4V               logits (held by the model output), fp32 log-softmax
                       loss buffers 8V                    fp32 grads of log-probs and logits (first backward op)
                       token ids    16                    int64 input ids and shifted labels
 
   plus RoPE's cos/sin (2 s d e per sequence, shared by all layers). With activation
   checkpointing each layer keeps only its input (eh per token) and one layer's activations
-  are recomputed at a time during backward: ``L eh + one layer + head``.
+  are recomputed at a time during backward: ``L eh + one layer + head``, where the
+  recomputed layer's first norm keeps the checkpointed input itself (eh less).
+  Transformers' own modules keep 4h bytes more per norm and ei more per MLP
+  (``osd.lean``'s docstring).
   With ``loss_chunk`` c (``osd-train --loss_chunk``) the head keeps no logits: each chunk's
   are recomputed in backward, so the loss's transient is one chunk's logits, log-softmax
   and buffers, ``(e + 12) V c``, plus the final norm's gradient, ``e h`` per token of the batch.
@@ -411,8 +415,8 @@ def estimate(
     # activations, per token (see the module docstring)
     h, i, a, k, d, V = shape.hidden, shape.intermediate, shape.heads, shape.kv, shape.dim, shape.vocab
     tokens = batch_size * seq_len
-    norm = 4 * h + 2 * e * h + 4
-    layer = (2 * norm + e * (2 * a * d + 2 * k * d) + 4 * a + 4 * e * i) * tokens
+    norm = 2 * e * h + 4  # osd.lean's RMSNorm: input, output, 1 / rms
+    layer = (2 * norm + e * (2 * a * d + 2 * k * d) + 4 * a + 3 * e * i) * tokens
     chunked = 0 < loss_chunk < tokens
     # a chunked head keeps no logits: each chunk's are recomputed in backward
     head = (norm + (0 if chunked else e * V + 4 * V) + 16) * tokens
@@ -423,7 +427,8 @@ def estimate(
     # logits, log-softmax and buffers, and the final norm's gradient growing chunk by chunk;
     # with checkpointing, later, one recomputed layer (the loss buffers are freed by then)
     loss_buffers = (e + 12) * V * loss_chunk + e * h * tokens if chunked else 8 * V * tokens
-    transient = max(loss_buffers, layer if activation_checkpointing else 0)
+    # a recomputed layer's first norm keeps the checkpointed input: eh per token less
+    transient = max(loss_buffers, layer - e * h * tokens if activation_checkpointing else 0)
     activations = saved + transient
 
     # the update of one parameter allocates temporaries; the largest parameter's set the peak

@@ -106,9 +106,12 @@ def model_config(spec: str):
 
 def build_model(spec: str, dtype=None, device=None):
     """``transformers.LlamaForCausalLM`` for :func:`resolve`'s ``spec``, created directly in
-    ``dtype`` on ``device`` (no fp32 copy on the host first: what the benchmarks measure)."""
+    ``dtype`` on ``device`` (no fp32 copy on the host first: what the benchmarks measure),
+    with :mod:`osd.lean`'s RMSNorm and SwiGLU (as the trainer's)."""
     import torch
     from transformers import LlamaForCausalLM
+
+    from osd import lean
 
     config = model_config(spec)
     default = torch.get_default_dtype()
@@ -116,7 +119,9 @@ def build_model(spec: str, dtype=None, device=None):
         torch.set_default_dtype(dtype)
     try:
         with torch.device(device or "cpu"):
-            return LlamaForCausalLM(config)
+            model = LlamaForCausalLM(config)
+        lean.apply(model)
+        return model
     finally:
         torch.set_default_dtype(default)
 

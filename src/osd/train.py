@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from osd import checkpoint, cli_options, models, shards
+from osd import checkpoint, cli_options, lean, models, shards
 from osd.cli_options import Diverged, Parser, UsageError
 from osd.data import DataError, Documents, TokenBatches, count_tokens, load_tokenizer, open_source
 from osd.metrics import MetricsLog, plot_main
@@ -590,6 +590,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
     np.random.seed(args.seed)
     config = models.model_config(args.model_config)
     model = LlamaForCausalLM(config)
+    lean.apply(model)  # the same values, fewer saved activations
     if args.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
