@@ -489,3 +489,29 @@ def test_cli_warns_when_the_rank_is_clamped(capsys):
     assert err.startswith("osd-memory: warning: rank 4096 > the smaller side of") and err.count("\n") == 1
     with pytest.warns(UserWarning, match="clamped"):
         estimate("llama_9m", optimizer="galore", rank=4096)
+
+
+@pytest.mark.parametrize("name", ["llama_7b", "llama_7b_sgd", "llama_7b_lean"])
+def test_shipped_7b_configs_state_their_estimate(name, capsys):
+    """Each 7B config's header gives the peak osd-memory --config estimates for it (and the
+    seed recipe's also the one without accumulation)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    header = path.read_text()
+    runs = [[]] + ([["--total_batch_size", "16"]] if name == "llama_7b" else [])
+    for extra in runs:
+        assert main(["--config", str(path), *extra]) == 0
+        total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+        gb = float(total.split()[3])
+        assert f"{gb:.2f} GB" in header, (extra, gb)
+
+
+def test_config_cli_errors(tmp_path, capsys):
+    bad = tmp_path / "lion.toml"
+    bad.write_text('model_config = "llama_60m"\noptimizer = "galore_lion"\nrank = 128\nbatch_size = 4\n')
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "osd-memory: error: --optimizer galore_lion: the estimator counts Adam(W) state only"
+    assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

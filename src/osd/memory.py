@@ -139,7 +139,7 @@ def update_temporaries(
     e, half = dtype_bytes, dtype_bytes != 4
     if rank is None:
         numel = min(m * n, CHUNK_ELEMENTS) if eight_bit else m * n
-        return numel * PLAIN_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][half]
+        return int(numel * PLAIN_TEMPORARIES["adamw8bit" if eight_bit else "adamw"][half])
     r = min(rank, m, n)
     p, q = max(m, n) * r, min(m, n) * r
     bf16_bases = basis_dtype == "bfloat16"
@@ -523,6 +523,60 @@ def estimate(
     return Estimate(name, label, weights, gradients, state, activations, temporaries, total, details, notes)
 
 
+def trainer_estimate(args) -> Estimate:
+    """The estimate for one process of ``osd-train`` run with ``args`` (its namespace after
+    ``osd.train.resolve``): the model, ``--optimizer`` and ``--proj_type`` strings, rank,
+    batch, length, dtype, accumulation, checkpointing, loss chunks, bases and correction as
+    the trainer reads them. Raises ValueError for optimizers it does not model (Lion,
+    Adafactor and SGD rules: it counts Adam's two moments)."""
+    from osd import cli_options
+
+    choice = cli_options.parse_optimizer(args.optimizer)
+    if choice.class_name not in ("AdamW", "AdamW8bit"):
+        raise ValueError(f"--optimizer {args.optimizer}: the estimator counts Adam(W) state only")
+    eight_bit = choice.class_name == "AdamW8bit"
+    kwargs = {}
+    if choice.subspace:
+        options = cli_options.subspace_options(args.proj_type)
+        online = options["projector"] == "online_pca"
+        optimizer = "osd" if online else "galore"  # random bases: GaLore's state and temporaries
+        kwargs.update(rank=args.rank, basis_dtype=args.basis_dtype, correction=args.correction)
+        if online:
+            kwargs["proj_optimizer"] = options["proj_optimizer"]
+    else:
+        optimizer = "adamw8bit" if eight_bit else "adamw"
+    return estimate(
+        args.model_config,
+        optimizer=optimizer,
+        eight_bit=eight_bit,
+        per_layer=choice.per_layer,
+        gradient_accumulation=args.gradient_accumulation,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seq_len=args.max_length,
+        activation_checkpointing=args.activation_checkpointing,
+        loss_chunk=args.loss_chunk,
+        **kwargs,
+    )
+
+
+def _config_main(argv: list[str]) -> int:
+    """``osd-memory --config FILE [osd-train flags]``: the estimate of that training run."""
+    from osd import train
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trainer_estimate(train.resolve(train.parse_args(argv), world_size=1))
+    except (ValueError, train.UsageError) as e:
+        print(f"osd-memory: error: {e}", file=sys.stderr)
+        return 2
+    for w in caught:
+        print(f"osd-memory: warning: {w.message}", file=sys.stderr)
+    print(result.table())
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like errors from estimate()
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -530,9 +584,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return _config_main(argv)
     parser = _Parser(
         prog="osd-memory",
-        description="Estimate the memory of training a LLaMA model with a full-rank or subspace optimizer.",
+        description="Estimate the memory of training a LLaMA model with a full-rank or subspace optimizer. "
+        "Or: osd-memory --config FILE [osd-train flags], the estimate of that osd-train run (one process).",
     )
     parser.add_argument("--model", required=True, help=f"LLaMA size ({', '.join(SIZES)}) or a HF config JSON")
     parser.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZERS))
