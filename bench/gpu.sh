@@ -6,6 +6,7 @@
 # bench/svd.py (exact against randomized SVD), bench/eightbit.py (8-bit update backends) and
 # bench/distributed.py (FSDP2 at world size 1 against unsharded, 180 s; issue [3/5]); opt-in
 # with STAGES=glue: bench/glue.py --preset gpu (480 s; issue [6]; needs the shared data, see below)
+# STAGES=configs: bench/configs.py, the shipped 7B configs' measured peaks ([2/5], about 3 minutes)
 # and STAGES=quality: bench/quality.py --preset gpu (timeout 540 s; its 75 runs need about 580 s by estimate, so a second call on the warm machine may finish them; issue [5/5]; after --prepare-quality).
 # One device call runs at most 10 minutes, so run it as two: STAGES="tests throughput step"
 # (560 s on 2026-11-26) and STAGES="svd eightbit fsdp". The throughput rows are written after each
@@ -113,6 +114,16 @@ has step && timeout 90 $PY bench/step.py "${STEP_ARGS[@]}" --out "$OUT/step" 2>&
 if has eightbit && [ $DRY = 0 ]; then
   stage "bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile"
   timeout 120 $PY bench/eightbit.py --device cuda --numel 67108864 --stack 16 --compile --repeats 5 2>&1 | grep -v Warning | tail -n 14 | tee -a "$OUT/summary.md"
+fi
+
+# [2/5]: the shipped 7B configs' peaks against osd-memory --config (opt-in: STAGES=configs, about
+# 3 minutes; randomized first bases, as the exact SVD of 224 7B matrices takes minutes)
+if has configs && [ $DRY = 0 ]; then
+  stage "bench/configs.py: configs/llama_7b_sgd.toml, llama_7b_lean.toml, llama_7b.toml --total_batch_size 16"
+  timeout 300 $PY bench/configs.py --configs configs/llama_7b_sgd.toml,configs/llama_7b_lean.toml \
+    --out "$OUT/configs" -- --svd_method randomized 2>&1 | grep -v Warning | tail -n 8 | tee -a "$OUT/summary.md"
+  timeout 200 $PY bench/configs.py --configs configs/llama_7b.toml --out "$OUT/configs-seed" \
+    -- --svd_method randomized --total_batch_size 16 2>&1 | grep -v Warning | tail -n 6 | tee -a "$OUT/summary.md"
 fi
 
 # exact against randomized SVD of one llama_1b and one llama_7b matrix ([2/5]: the first step's bases)

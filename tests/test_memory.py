@@ -515,3 +515,26 @@ def test_config_cli_errors(tmp_path, capsys):
     assert err == "osd-memory: error: --optimizer galore_lion: the estimator counts Adam(W) state only"
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bench_configs_builds_what_the_trainer_builds(tmp_path):
+    """bench/configs.py on the CPU, two shipped configs shrunk to llama_9m (one accumulating):
+    the optimizer state it builds is the estimate's to the byte; no peak without CUDA."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "configs.py"
+    spec = importlib.util.spec_from_file_location("bench_configs", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = path.parents[1] / "configs"
+    shrink = ["--model_config", "llama_9m", "--rank", "32", "--dtype", "float32", "--batch_size", "2"]
+    shrink += ["--total_batch_size", "4", "--max_length", "32", "--loss_chunk", "16"]
+    configs = f"{root / 'llama_7b.toml'},{root / 'llama_7b_lean.toml'}"
+    argv = ["--configs", configs, "--device", "cpu", "--steps", "2", "--out", str(tmp_path), "--", *shrink]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["proj_optimizer"] for r in rows] == ["adam8bit", "sgd"]
+    for r in rows:
+        assert r["measured"]["state_bytes"] == r["estimate"]["optimizer_state"], r
+        assert "peak_bytes" not in r["measured"] and r["measured"]["tokens_per_s"] > 0
