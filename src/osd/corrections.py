@@ -69,7 +69,7 @@ def update(
     """``alpha`` times the full-space update of a stack (``W <- W - update``, before weight
     decay), in ``g``'s dtype, for the correction ``kind``; it replaces the plain
     ``scale * B delta``. ``g_projected`` is the projection of ``g``, ``r`` what the rule saw
-    (fp32; the same unless accumulating), ``delta`` the rule's update of ``r`` and
+    (the same unless accumulating), ``delta`` the rule's update of ``r`` and
     ``step_size`` its factor over the normalised direction (``rule.step_size``). Creates or
     updates ``state[NORM_KEY]``, but at a step of learning rate 0, where the rule's update
     says nothing of its direction (the references read the direction before the learning
@@ -94,8 +94,8 @@ def update(
         base, alpha = g, alpha * scale
     r_rows = projected_layout(shard, bases)
     # phi times the step size: the rule's update over the projected gradient, per channel
-    phi = r_rows.norm(delta, dim=dims, keepdim=True)
-    phi.div_(r_rows.norm(r, dim=dims, keepdim=True).add_(1e-8))
+    phi = r_rows.norm(delta, dim=dims, keepdim=True, dtype=torch.float32)
+    phi.div_(r_rows.norm(r, dim=dims, keepdim=True, dtype=torch.float32).add_(1e-8))
     if micro_batches != 1:
         phi.mul_(micro_batches)
     # the term's norm (times the step size); channels over rows are complete on every rank

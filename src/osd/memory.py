@@ -101,11 +101,14 @@ PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
 # A subspace update of an m x n matrix at rank r, with P = max(m, n) r and Q = min(m, n) r
 # (the projected gradient's and the basis's sizes) and e bytes per weight, peaks in one of
 # three phases (osd.optim.SubspaceOptimizer.finish):
-# * projecting back: the m x n update (e m n) beside the projected gradient, its fp32 copy,
-#   the rule's fp32 update and its cast (PROJECTED per P, for fp32 and 16-bit weights) and
+# * projecting back: the m x n update (e m n) beside the projected gradient, the rule's fp32
+#   update and, with 16-bit weights, its cast (PROJECTED per P, whatever the weights) and
 #   the bases cast to the projection dtype where they differ (e or 4 per Q);
 # * the 8-bit rule: the projected gradient and its copy, the dequantised moments, the update
-#   and the new codes (RULE_8BIT per P);
+#   and the new codes (RULE_8BIT per P); above CHUNK_ELEMENTS values it runs a chunk at a
+#   time (RULE_8BIT per value of a chunk) beside the projected gradient and the whole update,
+#   kept in the weights' dtype (e each per P), which is also all that projecting back then
+#   holds per P;
 # * online PCA's basis step, after the m x n update is freed: (e + 4) per P (the projected
 #   gradient, normalised) and BASIS_STEP per Q (the PCA gradient, P's optimizer on a scratch
 #   copy of its state, the new basis), by P's optimizer, 4 more with bf16 bases (their fp32
@@ -114,7 +117,7 @@ PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
 # every kind and dtype against it, at shapes and ranks where each phase is the peak); the
 # CUDA path of 8-bit state fuses the weights' moment update and allocates less, so the 8-bit
 # figures bound it.
-PROJECTED = (8, 12)
+PROJECTED = 8
 RULE_8BIT = (24.1, 26.1)
 BASIS_STEP = {"adamw": 17, "adam8bit": 25.1, "lion": 17, "adafactor": 17, "sgd": 17}
 # A full-rank correction (osd.corrections) scales the m x n update in place: it adds its
@@ -144,14 +147,15 @@ def update_temporaries(
     p, q = max(m, n) * r, min(m, n) * r
     bf16_bases = basis_dtype == "bfloat16"
     cast = (4 if bf16_bases else 0) if e == 4 else (0 if bf16_bases else e)
-    projecting_back = e * m * n + PROJECTED[half] * p + cast * q
+    chunked = eight_bit and p > CHUNK_ELEMENTS  # osd.optim.SubspaceOptimizer._subspace_rule
+    projecting_back = e * m * n + (2 * e if chunked else PROJECTED) * p + cast * q
     if correction != "none":
         projecting_back += CORRECTION_TEMPORARIES * max(m, n)
         if correction != "fira" and half:  # APOLLO projects nothing back: no 16-bit copy of the rule's update
             projecting_back -= e * p
     phases = [projecting_back]
     if eight_bit:
-        phases.append(RULE_8BIT[half] * p)
+        phases.append(2 * e * p + RULE_8BIT[half] * CHUNK_ELEMENTS if chunked else RULE_8BIT[half] * p)
     if proj_optimizer is not None:
         phases.append((e + 4) * p + (BASIS_STEP[proj_optimizer] + (4 if bf16_bases else 0)) * q)
     return int(max(phases))

@@ -322,7 +322,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         params = [shards.local(p) for p in params]
         step = states[0]["step"]
         st = engine.stack_state(states)
-        r = r.float()
         if step == 0:
             st.update(rule.init(r.shape, r.device, self.storage))
             engine.add_new_state(states, st)
@@ -336,7 +335,7 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         # and the factor goes on the small r x k update (into the rule's lr where the update
         # is lr times something the state does not depend on)
         folded = correction == "none" and decay and rule.scales_with_lr
-        delta = self.storage.update(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout)
+        delta = self._subspace_rule(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout, g.dtype)
         if correction != "none":  # a full-space update (scale included): m x n anyway
             step_size = rule.step_size(lr, step + 1)
             alpha = -1 / decay if decay else 1.0
@@ -362,6 +361,25 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                 projectors.transport(st, old, rule.moments, self.storage, shard)
         for s in states:
             s["step"] = step + 1
+
+    def _subspace_rule(self, rule, r, st, lr, step, layout, dtype) -> torch.Tensor:
+        """The rule's update of the projected gradients ``r`` (a stack), in fp32 maths. With
+        8-bit state and an elementwise rule, more than ``engine.CHUNK_ELEMENTS`` values are
+        updated a chunk of that many at a time (the same numbers as one pass): a chunk's fp32
+        copy, dequantised moments and update are the only temporaries, and the whole update
+        is kept in ``dtype`` (the gradients', which projecting it back casts to anyway)."""
+        n = r.numel()
+        if self.storage is FP32 or not rule.elementwise or n <= engine.CHUNK_ELEMENTS:
+            return self.storage.update(rule, r.float(), st, lr, step, layout)
+        names = {k for group in rule.moments for k in group}
+        moments = {k: v for k, v in st.items() if k.split(".")[0] in names}
+        delta = torch.empty(r.shape, dtype=dtype, device=r.device)
+        flat_r, flat_delta = r.reshape(1, -1), delta.view(1, -1)
+        for start in range(0, n, engine.CHUNK_ELEMENTS):
+            stop = min(n, start + engine.CHUNK_ELEMENTS)
+            sub = engine.chunk_state(moments, start, stop, self.storage.block_size)
+            flat_delta[:, start:stop] = self.storage.update(rule, flat_r[:, start:stop].float(), sub, lr, step)
+        return delta
 
     def _chunked_update(self, p, grad, state, rule, group, step) -> None:
         """The plain update of one large tensor (an embedding, an output head) in chunks of
