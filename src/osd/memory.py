@@ -568,11 +568,17 @@ def _config_main(argv: list[str]) -> int:
     """``osd-memory --config FILE [osd-train flags]``: the estimate of that training run."""
     from osd import train
 
+    return _print(lambda: trainer_estimate(train.resolve(train.parse_args(argv), world_size=1)), train.UsageError)
+
+
+def _print(make, *errors) -> int:
+    """Print the table of the estimate ``make()`` returns (exit code 0); its ValueError (or
+    one of ``errors``) and each warning as one line on stderr (exit code 2)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = trainer_estimate(train.resolve(train.parse_args(argv), world_size=1))
-    except (ValueError, train.UsageError) as e:
+            result = make()
+    except (ValueError, *errors) as e:
         print(f"osd-memory: error: {e}", file=sys.stderr)
         return 2
     for w in caught:
@@ -615,32 +621,24 @@ def main(argv: list[str] | None = None) -> int:
         "--loss_chunk", type=int, default=0, help="token positions per chunk of the output head and loss (0: all)"
     )
     args = parser.parse_args(argv)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = estimate(
-                args.model,
-                optimizer=args.optimizer,
-                rank=args.rank,
-                eight_bit=args.eight_bit,
-                per_layer=args.per_layer,
-                gradient_accumulation=args.gradient_accumulation,
-                dtype=args.dtype,
-                batch_size=args.batch_size,
-                seq_len=args.seq_len,
-                activation_checkpointing=args.activation_checkpointing,
-                proj_optimizer=args.proj_optimizer,
-                correction=args.correction,
-                basis_dtype=args.basis_dtype,
-                loss_chunk=args.loss_chunk,
-            )
-    except ValueError as e:
-        print(f"osd-memory: error: {e}", file=sys.stderr)
-        return 2
-    for w in caught:
-        print(f"osd-memory: warning: {w.message}", file=sys.stderr)
-    print(result.table())
-    return 0
+    return _print(
+        lambda: estimate(
+            args.model,
+            optimizer=args.optimizer,
+            rank=args.rank,
+            eight_bit=args.eight_bit,
+            per_layer=args.per_layer,
+            gradient_accumulation=args.gradient_accumulation,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            activation_checkpointing=args.activation_checkpointing,
+            proj_optimizer=args.proj_optimizer,
+            correction=args.correction,
+            basis_dtype=args.basis_dtype,
+            loss_chunk=args.loss_chunk,
+        )
+    )
 
 
 if __name__ == "__main__":
