@@ -368,11 +368,14 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         updated a chunk of that many at a time (the same numbers as one pass): a chunk's fp32
         copy, dequantised moments and update are the only temporaries, and the whole update
         is kept in ``dtype`` (the gradients', which projecting it back casts to anyway)."""
-        n = r.numel()
-        if self.storage is FP32 or not rule.elementwise or n <= engine.CHUNK_ELEMENTS:
+        if not rule.elementwise:
             return self.storage.update(rule, r.float(), st, lr, step, layout)
+        # the rule's moments only: a fused 8-bit kernel would requantise P's moments too
         names = {k for group in rule.moments for k in group}
         moments = {k: v for k, v in st.items() if k.split(".")[0] in names}
+        n = r.numel()
+        if self.storage is FP32 or n <= engine.CHUNK_ELEMENTS:
+            return self.storage.update(rule, r.float(), moments, lr, step, layout)
         delta = torch.empty(r.shape, dtype=dtype, device=r.device)
         flat_r, flat_delta = r.reshape(1, -1), delta.view(1, -1)
         for start in range(0, n, engine.CHUNK_ELEMENTS):
