@@ -46,15 +46,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = {"llama_9m": 32, "llama_60m": 128, "llama_350m": 256, "llama_1b": 512}
 UPDATE_GAP = 200
-# key -> (osd-train --optimizer, --proj_type); adamw_fused is torch's own
+# key -> (osd-train --optimizer, --proj_type, --correction); adamw_fused is torch's own. osd is
+# the OSD paper's configuration (the trainer's continuous); osd_default the library's default
+# method (SGD on P, Fira's residual), opt-in (--methods)
 METHODS = {
     "adamw_fused": None,
-    "adamw": ("adamw", "std"),
-    "galore": ("galore_adamw", "std"),
-    "osd": ("galore_adamw", "continuous"),
-    "adamw8bit": ("adamw8bit", "std"),
-    "osd8_pl": ("galore_adamw8bit_per_layer", "continuous_adam8bit"),
+    "adamw": ("adamw", "std", "none"),
+    "galore": ("galore_adamw", "std", "none"),
+    "osd": ("galore_adamw", "continuous", "none"),
+    "adamw8bit": ("adamw8bit", "std", "none"),
+    "osd8_pl": ("galore_adamw8bit_per_layer", "continuous_adam8bit", "none"),
+    "osd_default": ("galore_adamw", "continuous_sgd", "fira"),
 }
+DEFAULT_METHODS = [m for m in METHODS if m != "osd_default"]
 BASELINE = "adamw_fused"
 # setting -> (micro-batch sequences, accumulation)
 SETTINGS = {"a": (8, 1), "b": (16, 32)}
@@ -68,7 +72,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sizes", default="llama_60m,llama_350m,llama_1b")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="(default: %(default)s; also osd_default)")
     p.add_argument("--settings", default="a,b", help="a: 8 x 256, no accumulation; b: 16 x 256, total batch 512")
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps in setting a (default: %(default)s)")
@@ -105,10 +109,11 @@ def build(method: str, model, rank: int, accumulation: int):
 
     if method == BASELINE:
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
-    optimizer, proj_type = METHODS[method]
+    optimizer, proj_type, correction = METHODS[method]
     args = SimpleNamespace(
         optimizer=optimizer,
         proj_type=proj_type,
+        correction=correction,
         lr=1e-3,
         weight_decay=0.0,
         beta1=0.0,

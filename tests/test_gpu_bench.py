@@ -20,12 +20,15 @@ def test_throughput_dry_run_writes_rows(tmp_path, capsys):
     sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
-        module.main(["--dry-run", "--methods", "adamw_fused,osd", "--profile", "osd", "--out", str(tmp_path)])
+        module.main(
+            ["--dry-run", "--methods", "adamw_fused,osd,osd_default", "--profile", "osd", "--out", str(tmp_path)]
+        )
     finally:
         sys.modules.pop(spec.name, None)
     data = json.loads((tmp_path / "throughput.json").read_text())
     rows = data["rows"]
-    assert {(r["method"], r["accumulation"]) for r in rows} == {(m, a) for m in ("adamw_fused", "osd") for a in (1, 3)}
+    methods = ("adamw_fused", "osd", "osd_default")
+    assert {(r["method"], r["accumulation"]) for r in rows} == {(m, a) for m in methods for a in (1, 3)}
     for r in rows:
         assert r["size"] == "llama_9m" and r["batch"] == [2, 32] and r["measured"]["tokens_per_s"] > 0
     assert "kernels_per_step" in next(r for r in rows if r["method"] == "osd" and r["accumulation"] == 1)["profile"]
