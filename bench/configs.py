@@ -46,9 +46,8 @@ def trainer_namespace(config: str, extra: list[str]) -> argparse.Namespace:
 def build(args, device: str):
     """The model, loss module and optimizer osd-train builds for ``args``."""
     model = models.build_model(args.model_config, getattr(torch, args.dtype), device)
-    if args.activation_checkpointing:  # as osd-train does
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+    if args.activation_checkpointing:
+        models.checkpoint_layers(model)
     model.train()
     return model, train.TokenLoss(model, args.loss_chunk), cli_options.build_optimizer(model, args)
 

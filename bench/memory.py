@@ -127,7 +127,7 @@ def trainer_args(method: Method, rank: int) -> SimpleNamespace:
 def measure(size: str, method: Method, rank: int, ckpt: bool, batch_size: int, seq_len: int, steps: int) -> dict:
     """Peak allocated bytes and tokens/s of ``steps`` bf16 training steps on random tokens."""
     from osd.cli_options import build_optimizer
-    from osd.models import build_model
+    from osd.models import build_model, checkpoint_layers
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -136,9 +136,8 @@ def measure(size: str, method: Method, rank: int, ckpt: bool, batch_size: int, s
     torch.manual_seed(0)
     model = build_model(size, torch.bfloat16, "cuda")
     config = model.config
-    if ckpt:  # as osd-train does
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+    if ckpt:
+        checkpoint_layers(model)
     model.train()
     optimizer = build_optimizer(model, trainer_args(method, rank))
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), device="cuda")

@@ -264,6 +264,14 @@ UPDATES = {
 }
 
 
+def _update_case(update):
+    """UPDATES[update] with its group's options made explicit (no correction, the named P
+    optimizer) where it gives none."""
+    cls, group, eight_bit, proj_optimizer = UPDATES[update]
+    group = {"correction": "none", **({"proj_optimizer": proj_optimizer} if proj_optimizer else {}), **group}
+    return cls, group, eight_bit, proj_optimizer
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("update", UPDATES)
 def test_update_temporaries_bound_what_a_step_allocates(update, dtype):
@@ -273,8 +281,7 @@ def test_update_temporaries_bound_what_a_step_allocates(update, dtype):
     below, at most 12% above."""
     from osd.memory import update_temporaries
 
-    cls, group, eight_bit, proj_optimizer = UPDATES[update]
-    group = {"correction": "none", **({"proj_optimizer": proj_optimizer} if proj_optimizer else {}), **group}
+    cls, group, eight_bit, proj_optimizer = _update_case(update)
     for shape, rank in (((512, 1376), 128), ((512, 512), 256), ((1024, 512), 32)):
         gen = torch.Generator().manual_seed(0)
         w = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype]))
@@ -298,8 +305,7 @@ def test_chunked_8bit_rule_temporaries(update, dtype, monkeypatch):
     are those of one pass."""
     from osd.memory import update_temporaries
 
-    cls, group, eight_bit, proj_optimizer = UPDATES[update]
-    group = {"correction": "none", **({"proj_optimizer": proj_optimizer} if proj_optimizer else {}), **group}
+    cls, group, eight_bit, proj_optimizer = _update_case(update)
     shape, rank = (512, 1376), 128
     runs = []
     for chunk in (1 << 22, 1 << 14):

@@ -103,7 +103,7 @@ def update(
     norm = (WHOLE if -2 in dims else shard).norm(channels, dim=(-2, -1))
     if NORM_KEY in state:  # Fira's norm-growth limiter: the norm grows at most LIMIT-fold
         previous = state[NORM_KEY]
-        limiter = torch.div(norm, previous.add_(1e-8)).clamp_(min=LIMIT * step_size)  # LIMIT step_size x
+        limiter = torch.div(norm, previous + 1e-8).clamp_(min=LIMIT * step_size)  # LIMIT step_size x
         torch.div(norm, limiter, out=previous).mul_(LIMIT)
         phi.div_(limiter.view(-1, 1, 1))
         beta = alpha * LIMIT * step_size

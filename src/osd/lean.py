@@ -24,8 +24,8 @@ with it, the one layer recomputed at a time) and 0.07 GB less for the final norm
 
 Only ``transformers``' LLaMA classes are changed (by class, so checkpoints, ``state_dict``
 and ``save_pretrained`` are unaffected), and the MLP only with the SiLU activation. The
-trainer applies it to every model it builds or loads (``osd.models.build_model``,
-``osd-train --init_from``, ``osd-glue`` does not use LLaMA).
+trainer applies it to every model it builds (``osd-train``, ``osd.models.build_model``;
+``osd-glue``'s encoders are not LLaMA).
 """
 
 from __future__ import annotations

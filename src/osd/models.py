@@ -126,6 +126,14 @@ def build_model(spec: str, dtype=None, device=None):
         torch.set_default_dtype(default)
 
 
+def checkpoint_layers(model) -> None:
+    """Activation checkpointing of each decoder layer, as ``osd-train
+    --activation_checkpointing`` does it (non-reentrant: works with per-layer hooks and
+    FSDP2): transformers' newer name for it where it exists, else its older one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+
+
 def architecture(config) -> dict:
     """The fields of a LlamaConfig (or its dict) that must match to load weights."""
     fields = config if isinstance(config, dict) else config.to_dict()

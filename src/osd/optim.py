@@ -377,12 +377,22 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         if self.storage is FP32 or n <= engine.CHUNK_ELEMENTS:
             return self.storage.update(rule, r.float(), moments, lr, step, layout)
         delta = torch.empty(r.shape, dtype=dtype, device=r.device)
-        flat_r, flat_delta = r.reshape(1, -1), delta.view(1, -1)
+        flat_delta = delta.view(1, -1)
+        self._in_chunks(rule, r, moments, lr, step, lambda start, stop, u: flat_delta[:, start:stop].copy_(u))
+        return delta
+
+    def _in_chunks(self, rule, g, state, lr, step, use) -> None:
+        """An elementwise rule's update of the values of ``g`` (``state`` stacked alike), a
+        chunk of ``engine.CHUNK_ELEMENTS`` values at a time, each handed to ``use(start,
+        stop, update)`` for the flat values ``[start, stop)`` and dropped before the next.
+        The same numbers as one pass; no temporary is larger than a chunk's (8-bit storage
+        computes in fp32 whatever ``g``'s dtype)."""
+        flat, n = g.reshape(1, -1), g.numel()
+        block = getattr(self.storage, "block_size", 1)
         for start in range(0, n, engine.CHUNK_ELEMENTS):
             stop = min(n, start + engine.CHUNK_ELEMENTS)
-            sub = engine.chunk_state(moments, start, stop, self.storage.block_size)
-            flat_delta[:, start:stop] = self.storage.update(rule, flat_r[:, start:stop].float(), sub, lr, step)
-        return delta
+            sub = engine.chunk_state(state, start, stop, block)
+            use(start, stop, self.storage.update(rule, flat[:, start:stop], sub, lr, step))
 
     def _chunked_update(self, p, grad, state, rule, group, step) -> None:
         """The plain update of one large tensor (an embedding, an output head) in chunks of
@@ -395,12 +405,10 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             st.update(rule.init((1,) + tuple(p.shape), p.device, self.storage, dtype))
             engine.add_new_state([state], st)
         lr, weight_decay = group["lr"], group.get("weight_decay", 0.0)
-        flat, flat_grad, n = p.view(-1), grad.reshape(-1), p.numel()
-        for start in range(0, n, engine.CHUNK_ELEMENTS):
-            stop = min(n, start + engine.CHUNK_ELEMENTS)
-            g = flat_grad[start:stop].view(1, -1)
-            sub = engine.chunk_state(st, start, stop, getattr(self.storage, "block_size", 1))
-            engine.apply([flat[start:stop]], self.storage.update(rule, g, sub, lr, step + 1), lr, weight_decay)
+        flat = p.view(-1)
+        self._in_chunks(
+            rule, grad, st, lr, step + 1, lambda start, stop, u: engine.apply([flat[start:stop]], u, lr, weight_decay)
+        )
 
     def _count_skips(self, skipped: torch.Tensor) -> None:
         """Add a step's skipped basis updates ((k,) bool, on the device) to the counter."""

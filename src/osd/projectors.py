@@ -91,13 +91,19 @@ def projected_layout(shard: Whole, bases: dict) -> Whole:
     return shard if ROWS not in bases else WHOLE
 
 
+def _back_factors(d: torch.Tensor, bases: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last product of projecting ``d`` back, as its two factors: ``(B_r, D)``,
+    ``(D, B_c^T)`` or, both sides, ``(B_r D, B_c^T)``; bases cast to ``d``'s dtype."""
+    if ROWS in bases and COLS in bases:
+        return mm(bases[ROWS].to(d.dtype), d), bases[COLS].to(d.dtype).mT
+    if ROWS in bases:
+        return bases[ROWS].to(d.dtype), d
+    return d, bases[COLS].to(d.dtype).mT
+
+
 def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
     """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both."""
-    if ROWS in bases:
-        d = mm(bases[ROWS].to(d.dtype), d)
-    if COLS in bases:
-        d = mm(d, bases[COLS].to(d.dtype).mT)
-    return d
+    return mm(*_back_factors(d, bases))
 
 
 def project_back_add(
@@ -105,12 +111,7 @@ def project_back_add(
 ) -> torch.Tensor:
     """``out + alpha * project_back(d, bases)`` for stacks (``k x ...``), the last product
     fused with the addition (``baddbmm``); with ``beta``, ``beta * out + ...`` in place."""
-    if ROWS in bases and COLS in bases:
-        left, right = mm(bases[ROWS].to(d.dtype), d), bases[COLS].to(d.dtype).mT
-    elif ROWS in bases:
-        left, right = bases[ROWS].to(d.dtype), d
-    else:
-        left, right = d, bases[COLS].to(d.dtype).mT
+    left, right = _back_factors(d, bases)
     if beta is None:
         return torch.baddbmm(out, left, right, alpha=alpha)
     return out.baddbmm_(left, right, beta=beta, alpha=alpha)

@@ -592,8 +592,7 @@ def train(args, dist, tokenizer, train_source, eval_source, resume_path, log, bu
     model = LlamaForCausalLM(config)
     lean.apply(model)  # the same values, fewer saved activations
     if args.activation_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable() if enable else model.gradient_checkpointing_enable({"use_reentrant": False})
+        models.checkpoint_layers(model)
     # FSDP2 keeps fp32 weights and casts them to bf16 for compute (its mixed-precision policy)
     model.to(device=dist.device, dtype=torch.float32 if args.fsdp else getattr(torch, args.dtype))
     loss_of = TokenLoss(model, args.loss_chunk)
