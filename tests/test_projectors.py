@@ -22,8 +22,8 @@ def test_pca_grad_equals_autograd(shape, orth_reg):
     got_c = projectors.pca_grad(basis.detach(), x, c=basis.detach().T @ x, orth_reg=orth_reg)
     torch.testing.assert_close(got_c, expected, rtol=1e-10, atol=1e-10)
     # and X given as x_scale * x, with or without C
-    for c in (None, basis.detach().T @ x):
-        got_s = projectors.pca_grad(basis.detach(), x / 4, c=c, orth_reg=orth_reg, x_scale=4.0)
+    for c in (None, basis.detach().T @ x / 4):  # C given for x, not X
+        got_s = projectors.pca_grad(basis.detach(), x / 4, c=c, orth_reg=orth_reg, x_scale_sq=16.0)
         torch.testing.assert_close(got_s, expected, rtol=1e-10, atol=1e-10)
 
 

@@ -33,7 +33,7 @@ COMMON = dict(eval_tokens=1_000_000, keep_checkpoints=0, log_every=100, batch_si
 RUNS = {
     "fsdp": dict(fsdp=True),
     "ddp": dict(),
-    # with the loss in chunks of 9 tokens (recomputed in backward) under FSDP2 and DDP
+    # with the loss in chunks of 9 tokens (osd.lean.chunked_cross_entropy) under FSDP2 and DDP
     "fsdp_svd_accumulation": dict(
         fsdp=True, proj_type="std", update_proj_gap=3, batch_size=1, total_batch_size=4, loss_chunk=9
     ),

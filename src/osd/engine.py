@@ -27,9 +27,11 @@ import torch
 MAX_STACK_BYTES = 512 * 2**20  # llama_350m's largest stack (24 x 2736 x 1024 fp32) fits whole
 # A lone plain tensor larger than this (an embedding, an output head) is updated in chunks of
 # this many values by the elementwise rules, so no temporary of its update (the fp32
-# gradient, dequantised 8-bit moments, the update) exceeds 16 MB, and all of a chunk's
-# together about 100 MB (osd.memory.PLAIN_TEMPORARIES): a multiple of the 8-bit block size.
-CHUNK_ELEMENTS = 1 << 22
+# gradient, dequantised 8-bit moments, the update) exceeds 4 MB, and all of a chunk's
+# together about 25 MB (osd.memory.PLAIN_TEMPORARIES; the bound for one update is
+# 64 MB): a multiple of the 8-bit block size. The same for an 8-bit subspace rule's projected
+# gradient (osd.optim.SubspaceOptimizer._subspace_rule).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def stack_state(states: list[dict]) -> dict:

@@ -126,7 +126,7 @@ class Layerwise(torch.optim.Optimizer):
         layout = shards.layout([p])
         if "rank" not in group:
             if last:
-                opt.update([p], [self._clip(shards.local(p.grad), layout)])
+                opt.update([p], [self._clip(shards.local(p.grad), layout, in_place=True)])
                 p.grad = None
             return
         g = opt.gradients([p], [p.grad])
@@ -137,18 +137,24 @@ class Layerwise(torch.optim.Optimizer):
         g_projected = opt.project([p], g)
         r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
         if last:  # r holds this rank's rows when only the right side is projected
-            clipped = self._clip(r, projectors.projected_layout(layout, state))
-            opt.finish([p], clipped, g, g_projected, micro_batches=self.accumulation_steps)
+            # finish is handed the only reference to the clipped copy of r (accumulated, to r
+            # itself, clipped in place), and frees it before P's step
+            clipped = [self._clip(r, projectors.projected_layout(layout, state), in_place=micro > 1)]
+            del r
+            opt.finish([p], clipped.pop(), g, g_projected, micro_batches=self.accumulation_steps)
         else:
             state["accum"] = r[0]
 
-    def _clip(self, g, layout: shards.Whole = shards.WHOLE):
+    def _clip(self, g, layout: shards.Whole = shards.WHOLE, in_place: bool = False):
         """``g`` scaled to norm at most ``max_grad_norm`` (decided on the device: no host read);
-        ``g`` holds this rank's rows of a row-sharded ``layout``, whose norm sums over ranks."""
+        ``g`` holds this rank's rows of a row-sharded ``layout``, whose norm sums over ranks.
+        ``in_place`` for a gradient about to be freed (no copy of the output head's, or of an
+        accumulated projection)."""
         if self.max_grad_norm is None:
             return g
         norm = layout.norm(g, dtype=torch.float32)
-        return g * (self.max_grad_norm / norm).clamp(max=1.0).to(g.dtype)
+        factor = (self.max_grad_norm / norm).clamp(max=1.0).to(g.dtype)
+        return g.mul_(factor) if in_place else g * factor
 
     def step(self, closure=None):
         """End of an optimizer step: the parameters were updated during backward."""

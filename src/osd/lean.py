@@ -13,7 +13,8 @@ values, bit for bit (the same ops in the same order):
 * RMSNorm keeps its input and 1 / rms (e h + 4), and recomputes the normalised input in
   backward: 4 h bytes less per token and norm (in bf16, a third of what a norm kept);
 * the MLP keeps gate and up and recomputes silu(gate) in backward: e i less per token
-  (a quarter of the MLP's activations).
+  (a quarter of the MLP's activations); its backward makes up's gradient in up's buffer,
+  so it allocates one i-wide temporary besides gate's gradient instead of three.
 
 Backward computes what autograd computes through the original ops, in the same dtypes
 (the MLP: ``silu_backward`` of ``grad * up``, ``grad * silu(gate)``; the norm: the input
@@ -63,7 +64,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """``silu(gate) * up``, saving ``gate`` and ``up`` only (silu(gate) is recomputed)."""
+    """``silu(gate) * up``, saving ``gate`` and ``up`` only (silu(gate) is recomputed).
+    Backward overwrites ``up`` with its gradient: for the MLP's own projections, which no
+    one else holds (not for tensors a caller keeps)."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -72,10 +75,81 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # autograd's values with one i-wide temporary instead of three: grad * up, which
+        # silu_backward overwrites with gate's gradient; up's gradient, silu(gate) * grad,
+        # goes into up's own buffer, which nothing needs after this (a second backward
+        # through the same graph raises autograd's in-place error instead)
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = grad * up
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        if ctx.needs_input_grad[1]:
+            grad_up = torch.ops.aten.silu.out(gate, out=up).mul_(grad)
         return grad_gate, grad_up
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed next-token cross-entropy of ``hidden @ weight.T`` (an output head without
+    bias) over the targets that are not -100, ``chunk`` rows of ``hidden`` at a time, with
+    the gradients made in forward (as Liger-Kernel's fused linear cross-entropy does): each
+    chunk's logits exist once, in fp32 (the softmax and its gradient are made over them in
+    place), and the head's gradient is one buffer the chunks add into. What stays until
+    backward is that buffer and the input's gradient, not the logits; backward only scales
+    them by the loss's incoming gradient. Computes in ``weight``'s dtype, or autocast's
+    when forward runs under it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads else None
+        grad_weight = torch.zeros_like(weight) if grads else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            target = targets[start : start + chunk]
+            valid = target != -100
+            target = torch.where(valid, target, 0)[:, None]
+            logits = torch.mm(h, w.mT).float()
+            picked = logits.gather(1, target)[:, 0]
+            peak = logits.amax(1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # the logits' buffer from here on
+            total = exp.sum(1, keepdim=True)
+            lse = peak[:, 0] + total[:, 0].log()
+            loss += torch.where(valid, lse - picked, 0).sum()
+            if grads:  # softmax - one-hot, zero where ignored
+                softmax = exp.div_(total)
+                softmax.scatter_add_(1, target, valid[:, None].to(softmax.dtype).neg())
+                g = softmax.mul_(valid[:, None]).to(dtype)
+                del softmax, exp, logits
+                grad_hidden[start : start + chunk] = torch.mm(g, w)
+                if grad_weight.dtype == dtype:
+                    grad_weight.addmm_(g.mT, h)
+                else:  # autocast's fp32 master weights
+                    grad_weight += torch.mm(g.mT, h)
+        ctx.grads = (grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # the buffers are handed on (AccumulateGrad keeps a sole reference)
+        grad_hidden = grad_hidden.mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_weight.mul_(grad_loss) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    """``F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")`` for
+    ``hidden`` (tokens x h) and ``targets`` (tokens, -100 ignored), ``chunk`` tokens at a
+    time (:class:`ChunkedCrossEntropy`): the same value and gradients to rounding, with one
+    chunk's logits alive at a time."""
+    device = hidden.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, torch.get_autocast_dtype(device))
 
 
 def _norm_forward(self, hidden_states):

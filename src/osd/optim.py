@@ -306,7 +306,6 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         bases = _bases(engine.stack_state([self.state[p] for p in params]))
         return projectors.project(g, bases, shards.layout(params))
 
-    @torch.no_grad()
     def finish(
         self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor, micro_batches: int = 1
     ) -> None:
@@ -315,52 +314,63 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         the gradients ``g`` and their projection (the same as ``r`` unless accumulating: then
         ``g`` is the last of ``micro_batches`` micro-batches, and a full-rank correction
         takes ``micro_batches`` times its residual for the sum's)."""
-        group = self._stack_group(params)
-        rule, projector = self.rule(group), projectors.from_group(group)
-        states = [self.state[p] for p in params]
-        shard = shards.layout(params)
-        params = [shards.local(p) for p in params]
-        step = states[0]["step"]
-        st = engine.stack_state(states)
-        if step == 0:
-            st.update(rule.init(r.shape, r.device, self.storage))
-            engine.add_new_state(states, st)
-        lr = group["lr"]
-        bases = _bases(st)
-        decay = lr * group.get("weight_decay", 0.0)
-        scale = group["scale"]
-        correction = group.get("correction", "none")
-        layout = projectors.projected_layout(shard, bases)
-        # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W,
-        # and the factor goes on the small r x k update (into the rule's lr where the update
-        # is lr times something the state does not depend on)
-        folded = correction == "none" and decay and rule.scales_with_lr
-        delta = self._subspace_rule(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout, g.dtype)
-        if correction != "none":  # a full-space update (scale included): m x n anyway
-            step_size = rule.step_size(lr, step + 1)
-            alpha = -1 / decay if decay else 1.0
-            update = corrections.update(
-                correction, g, g_projected, r, delta, step_size, bases, scale, st, shard, alpha, micro_batches
-            )
-            engine.add_new_state(states, st)
-            scale = 1.0
-        elif decay and not folded:
-            update = projectors.project_back((delta * (-scale / decay)).to(g.dtype), bases)
-        else:  # the factor is in delta already (folded), or there is none
-            update = projectors.project_back(delta.to(g.dtype), bases)
-        if decay:
-            engine.lerp(params, update, decay)
-        else:
-            engine.apply(params, update, lr, 0.0, alpha=-scale)
-        del update, delta, r  # the m x n update and the fp32 copies: not alive in the basis step
-        old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
-        skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
-        if skipped is not None:
-            self._count_skips(skipped)
-            if old:
-                projectors.transport(st, old, rule.moments, self.storage, shard)
-        for s in states:
-            s["step"] = step + 1
+        # no_grad inside, not as a decorator: the decorator's wrapper would keep the
+        # arguments alive until return, and r (a clipped copy) is freed before P's step
+        with torch.no_grad():
+            group = self._stack_group(params)
+            rule, projector = self.rule(group), projectors.from_group(group)
+            states = [self.state[p] for p in params]
+            shard = shards.layout(params)
+            params = [shards.local(p) for p in params]
+            step = states[0]["step"]
+            st = engine.stack_state(states)
+            if step == 0:
+                st.update(rule.init(r.shape, r.device, self.storage))
+                engine.add_new_state(states, st)
+            lr = group["lr"]
+            bases = _bases(st)
+            decay = lr * group.get("weight_decay", 0.0)
+            scale = group["scale"]
+            correction = group.get("correction", "none")
+            layout = projectors.projected_layout(shard, bases)
+            # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W,
+            # and the factor goes on the small r x k update (into the rule's lr where the update
+            # is lr times something the state does not depend on)
+            folded = correction == "none" and decay and rule.scales_with_lr
+            delta = self._subspace_rule(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout, g.dtype)
+            if correction != "none":  # a full-space update (scale included): m x n anyway
+                step_size = rule.step_size(lr, step + 1)
+                alpha = -1 / decay if decay else 1.0
+                update = corrections.update(
+                    correction, g, g_projected, r, delta, step_size, bases, scale, st, shard, alpha, micro_batches
+                )
+                engine.add_new_state(states, st)
+                scale = 1.0
+            else:
+                if decay and not folded:  # the factor is in delta already when folded
+                    delta = delta * (-scale / decay)
+                delta = delta.to(g.dtype)
+                update = None
+                if len(params) == 1 and params[0].dtype == g.dtype:
+                    # one matrix (osd.Layerwise): the last product adds into the weights in place
+                    # (no m x n update); with decay, (1 - decay) W + decay U as the lerp below
+                    alpha, beta = (decay, 1 - decay) if decay else (-scale, 1.0)
+                    projectors.project_back_add(params[0].unsqueeze(0), delta, bases, alpha, beta)
+                else:
+                    update = projectors.project_back(delta, bases)
+            if update is not None and decay:
+                engine.lerp(params, update, decay)
+            elif update is not None:
+                engine.apply(params, update, lr, 0.0, alpha=-scale)
+            del update, delta, r  # the m x n update and the fp32 copies: not alive in the basis step
+            old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
+            skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
+            if skipped is not None:
+                self._count_skips(skipped)
+                if old:
+                    projectors.transport(st, old, rule.moments, self.storage, shard)
+            for s in states:
+                s["step"] = step + 1
 
     def _subspace_rule(self, rule, r, st, lr, step, layout, dtype) -> torch.Tensor:
         """The rule's update of the projected gradients ``r`` (a stack), in fp32 maths. With

@@ -247,15 +247,18 @@ def pca_grad(
     x: torch.Tensor,
     c: torch.Tensor | None = None,
     orth_reg: float = 0.0,
-    x_scale=1.0,
+    x_scale_sq=1.0,
     shard: Whole = WHOLE,
     rows_sharded: bool = False,
 ):
     """Closed-form gradient of ``||B B^T X - X||_F^2 + orth_reg ||B^T B - I||_F^2`` in B,
-    for ``X = x_scale * x`` (so a normalised gradient needs no m x n copy), for a matrix or
-    a stack (``x_scale`` a number or one per matrix, shaped ``k x 1 x 1``). ``c`` may pass
-    in ``B^T X`` when the caller already has it. The two products with ``x`` run in
-    ``x``'s dtype (the projection precision), the rest in the basis's (fp32).
+    for ``X = s x`` with ``x_scale_sq`` = s^2 (so a normalised gradient needs no m x n copy),
+    for a matrix or a stack (``x_scale_sq`` a number or one per matrix, shaped ``k x 1 x 1``):
+    the loss's gradient only sees s^2. ``c`` may pass
+    in ``B^T x`` when the caller already has it, in ``x``'s dtype or the basis's: the scale
+    goes on the r-wide products, so no scaled copy of it is made. The products with ``x``
+    (and ``C C^T`` with a 16-bit ``c``) run in ``x``'s dtype (the projection precision), the
+    rest in the basis's (fp32).
 
     Row shards (``shard``): with ``rows_sharded`` the basis and ``x`` hold this rank's rows
     (a left basis), and ``B^T X`` and ``B^T B`` are sums over the ranks; otherwise ``x``
@@ -265,21 +268,22 @@ def pca_grad(
         c = mm(basis.to(x.dtype).mT, x).to(basis.dtype)
         if rows_sharded:
             c = shard.sum(c)
-        c = c.mul_(x_scale)
+    # C = s c: X C^T and C C^T carry s^2
     y = mm(x, c.to(x.dtype).mT).to(basis.dtype)  # X C^T
     if not rows_sharded:
         y = shard.sum(y)
-    y = y.mul_(x_scale)
+    y = y.mul_(x_scale_sq)
     gram = mm(basis.mT, basis)
-    cct = mm(c, c.mT)
+    cct = mm(c, c.mT).to(basis.dtype)
     if rows_sharded:
         gram = shard.sum(gram)
     else:
         cct = shard.sum(cct)
+    cct = cct.mul_(x_scale_sq)
     gram.diagonal(dim1=-2, dim2=-1).sub_(2)
     # 2 (B C C^T + X C^T (B^T B - 2 I))
     if basis.dim() == 3:
-        grad = torch.baddbmm(mm(basis, cct), y, gram, beta=2, alpha=2)
+        grad = mm(basis, cct).baddbmm_(y, gram, beta=2, alpha=2)
     else:
         grad = (basis @ cct).addmm_(y, gram, beta=2, alpha=2)
     if orth_reg:
@@ -330,9 +334,10 @@ class OnlinePCA:
 
     def _step(self, g, projected, state, step, lr_ratio, shard):
         norm = shard.norm(g, dim=(-2, -1), dtype=torch.float32)
-        # 1 / ||G||, and 0 where ||G|| is 0, not finite (or below 1e-38): those skip their step
-        inv_norm = norm.reciprocal_().nan_to_num_(0.0, 0.0, 0.0).view(-1, 1, 1)
-        keep = (inv_norm == 0).view(-1)
+        # 1 / ||G||^2 (the PCA loss of G / ||G||), and 0 where ||G|| is 0, not finite (or
+        # below 1e-19, whose square is not an fp32 number): those skip their step
+        inv_sq = norm.pow_(-2).nan_to_num_(0.0, 0.0, 0.0).view(-1, 1, 1)
+        keep = (inv_sq == 0).view(-1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
         one_sided = (ROWS in state) != (COLS in state)
         for key, x in ((ROWS, g), (COLS, g.mT)):
@@ -340,10 +345,9 @@ class OnlinePCA:
                 continue
             stored = state[key]
             basis = stored.float()  # the stored tensor itself when fp32
-            c = None
-            if one_sided:  # B^T X is the projected gradient already computed, up to 1/||G||
-                c = torch.mul(projected if key == ROWS else projected.mT, inv_norm)  # fp32
-            grad = pca_grad(basis, x, c, self.orth_reg, inv_norm, shard, rows_sharded=key == ROWS)
+            # B^T G is the projected gradient already computed (one side projected)
+            c = (projected if key == ROWS else projected.mT) if one_sided else None
+            grad = pca_grad(basis, x, c, self.orth_reg, inv_sq, shard, rows_sharded=key == ROWS)
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             rows = shard if key == ROWS else WHOLE  # a left basis: this rank's rows
@@ -351,17 +355,17 @@ class OnlinePCA:
             # returns -delta for -lr)
             linear = self.rule.scales_with_lr
             decay = 1 - lr * self.weight_decay
-            if isinstance(self.rule, SGD) and decay == 1:  # no state, no decay: one op
-                new = torch.add(basis, grad, alpha=-lr)
+            if isinstance(self.rule, SGD) and decay == 1:  # no state, no decay: in place
+                new = basis.add_(grad.masked_fill_(keep.view(-1, 1, 1), 0), alpha=-lr)
             else:
                 delta = self.storage.update(self.rule, grad, sub, -lr if linear else lr, step, rows, keep=keep)
                 new = torch.add(delta, basis, alpha=decay) if linear else torch.sub(basis * decay, delta)
             if self.retract_every and step % self.retract_every == 0:
                 new = shard.rows(_orthonormalize(shard.gather(new))) if key == ROWS else _orthonormalize(new)
-            if stored is basis:
-                torch.where(keep.view(-1, 1, 1), basis, new, out=basis)
-            else:  # 16-bit storage: one rounding of the fp32 result
-                stored.copy_(torch.where(keep.view(-1, 1, 1), basis, new))
+            if new is not basis:  # the skipped keep their basis
+                new = torch.where(keep.view(-1, 1, 1), basis, new, out=basis if stored is basis else None)
+            if stored is not new:  # 16-bit storage: one rounding of the fp32 result
+                stored.copy_(new)
         return keep
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from osd import checkpoint, cli_options, lean, models, shards
 from osd.cli_options import Diverged, Parser, UsageError
@@ -535,9 +534,7 @@ class TokenLoss(torch.nn.Module):
         targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
         if not self.chunk or self.chunk >= len(targets):
             return self.head_loss(hidden, targets)
-        chunks = zip(hidden.split(self.chunk), targets.split(self.chunk), strict=True)
-        recompute = torch.utils.checkpoint.checkpoint
-        return sum(recompute(self.head_loss, h, t, use_reentrant=False) for h, t in chunks)
+        return lean.chunked_cross_entropy(hidden, self.lm.lm_head.weight, targets, self.chunk)
 
     def head_loss(self, hidden, targets):
         return F.cross_entropy(self.lm.lm_head(hidden).float(), targets, reduction="sum")
