@@ -173,34 +173,32 @@ def test_saved_activations_match_autograd(size, dtype, batch, seq):
     logits = out.logits.untyped_storage()
     measured = sum(saved.values()) + (0 if logits.data_ptr() in saved else logits.nbytes())
     est = estimate(size, dtype=dtype, batch_size=batch, seq_len=seq)
-    transient = dict(est.details["activations"])["backward transient: fp32 loss buffers"]
+    transient = dict(est.details["activations"])["transient: max(fp32 loss buffers, one layer's backward)"]
     # autograd also keeps one 4-byte scalar of the loss (the token count's reciprocal)
     assert 0 <= measured - (est.activations - transient) <= 4
 
 
 @pytest.mark.parametrize("dtype,chunk", [("float32", 40), ("bfloat16", 100)])
-def test_a_chunked_loss_saves_no_logits(monkeypatch, dtype, chunk):
-    """The trainer's loss in chunks (osd.train.TokenLoss): what autograd saves, plus what the
-    head's checkpoints hold (each chunk's hidden states and targets), equals the estimate
-    with ``loss_chunk`` less its backward transient, to 4 bytes; no logits stay."""
+def test_a_chunked_loss_saves_no_logits(dtype, chunk):
+    """The trainer's loss in chunks (osd.train.TokenLoss, osd.lean.chunked_cross_entropy):
+    what autograd saves equals the estimate with ``loss_chunk`` less its transient, to 4
+    bytes (no logits, no head input); what stays for backward besides is the two gradient
+    buffers the transient counts."""
     from osd import train
 
     model = llama("llama_9m", dtype)
-    saved = SavedBytes(model)
-    head_loss = train.TokenLoss.head_loss
-
-    def spy(self, hidden, targets):  # the checkpoint holds its inputs
-        return head_loss(self, saved.keep(hidden), saved.keep(targets))
-
-    monkeypatch.setattr(train.TokenLoss, "head_loss", spy)
     ids = tokens(2, 128)
-    with saved:
-        train.TokenLoss(model, chunk)(ids, ids)
+    with SavedBytes(model) as saved:
+        loss = train.TokenLoss(model, chunk)(ids, ids)
     est = estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128, loss_chunk=chunk)
     activations = dict(est.details["activations"])
     assert "head: final norm, ids" in activations
-    transient = activations["backward transient: one loss chunk's buffers"]
+    transient = activations["transient: max(the head's gradients and one chunk's logits, one layer's backward)"]
     assert 0 <= sum(saved.values()) - (est.activations - transient) <= 4
+    grad_hidden, grad_weight = loss.grad_fn.grads
+    e = torch.finfo(DTYPES[dtype]).bits // 8
+    assert grad_hidden.nbytes == 2 * 128 * model.config.hidden_size * e
+    assert grad_weight.nbytes == model.lm_head.weight.nbytes
     assert est.activations < estimate("llama_9m", dtype=dtype, batch_size=2, seq_len=128).activations
 
 
@@ -321,7 +319,7 @@ def test_chunked_8bit_rule_temporaries(update, dtype, monkeypatch):
         runs.append(w.detach().clone())
         e = torch.finfo(DTYPES[dtype]).bits // 8
         basis_dtype = group.get("basis_dtype", "float32")
-        est = update_temporaries(shape, e, rank, eight_bit, "none", proj_optimizer, basis_dtype)
+        est = update_temporaries(shape, e, rank, eight_bit, group["correction"], proj_optimizer, basis_dtype)
         assert 0.99 * allocated.peak <= est <= 1.12 * allocated.peak, (chunk, est, allocated.peak)
     if dtype == "float32" or group["correction"] == "none":
         assert torch.equal(runs[0], runs[1])

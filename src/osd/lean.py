@@ -128,6 +128,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(g.mT, h)
                 else:  # autocast's fp32 master weights
                     grad_weight += torch.mm(g.mT, h)
+                del g  # not alive beside the next chunk's logits
         ctx.grads = (grad_hidden, grad_weight)
         return loss
 

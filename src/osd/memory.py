@@ -74,9 +74,10 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
-from osd.engine import CHUNK_ELEMENTS
+from osd.engine import CHUNK_ELEMENTS, MAX_STACK_BYTES
 from osd.groups import TARGET_MODULES
 from osd.models import SIZES, resolve
 from osd.projectors import CORRECTIONS, PROJ_OPTIMIZERS
@@ -100,26 +101,30 @@ GB = 1e9
 PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
 # A subspace update of an m x n matrix at rank r, with P = max(m, n) r and Q = min(m, n) r
 # (the projected gradient's and the basis's sizes) and e bytes per weight, peaks in one of
-# three phases (osd.optim.SubspaceOptimizer.finish):
-# * projecting back: the m x n update (e m n) beside the projected gradient, the rule's fp32
-#   update and, with 16-bit weights, its cast (PROJECTED per P, whatever the weights) and
-#   the bases cast to the projection dtype where they differ (e or 4 per Q);
-# * the 8-bit rule: the projected gradient and its copy, the dequantised moments, the update
-#   and the new codes (RULE_8BIT per P); above CHUNK_ELEMENTS values it runs a chunk at a
-#   time (RULE_8BIT per value of a chunk) beside the projected gradient and the whole update,
-#   kept in the weights' dtype (e each per P), which is also all that projecting back then
-#   holds per P;
-# * online PCA's basis step, after the m x n update is freed: (e + 4) per P (the projected
-#   gradient, normalised) and BASIS_STEP per Q (the PCA gradient, P's optimizer on a scratch
-#   copy of its state, the new basis), by P's optimizer, 4 more with bf16 bases (their fp32
-#   copies).
-# Measured on the CPU with an allocation-tracking dispatch mode (tests/test_memory.py checks
-# every kind and dtype against it, at shapes and ranks where each phase is the peak); the
-# CUDA path of 8-bit state fuses the weights' moment update and allocates less, so the 8-bit
-# figures bound it.
+# four phases (osd.optim.SubspaceOptimizer.finish):
+# * the rule: the projected gradient, its fp32 copy with 16-bit weights, and the update
+#   (RULE_FP32 per P); with 8-bit state also the dequantised moments and the new codes
+#   (RULE_8BIT per P); above CHUNK_ELEMENTS values the 8-bit rule runs a chunk at a time
+#   (RULE_8BIT per value of a chunk) beside the projected gradient and the whole update,
+#   kept in the weights' dtype (e each per P);
+# * projecting back: the projected gradient beside the rule's fp32 update and its cast
+#   (PROJECTED per P, or e each per P when chunked) and the bases cast to the projection
+#   dtype where they differ (e or 4 per Q). A lone matrix (osd.Layerwise, or a stack of
+#   one) adds the last product into its weights in place; a stack, or a full-rank
+#   correction, makes the m x n update (e m n) first;
+# * online PCA's basis step, after the update is freed: the projected gradient (e per P)
+#   and BASIS_STEP per Q (the PCA gradient, P's optimizer on a scratch copy of its state,
+#   the new basis) by P's optimizer, without and with bf16 bases (their fp32 copies); SGD
+#   also holds two r x r products (8 r^2).
+# With Layerwise's per-parameter clipping a clipped copy of the projected gradient (e per
+# P) is alive in the first two. Measured on the CPU with an allocation-tracking dispatch
+# mode (tests/test_memory.py checks every kind and dtype against it, at shapes and ranks
+# where each phase is the peak); the CUDA path of 8-bit state fuses the weights' moment
+# update and allocates less, so the 8-bit figures bound it.
 PROJECTED = 8
+RULE_FP32 = (8, 10)
 RULE_8BIT = (24.1, 26.1)
-BASIS_STEP = {"adamw": 17, "adam8bit": 25.1, "lion": 17, "adafactor": 17, "sgd": 17}
+BASIS_STEP = {"adamw": (16, 20), "adam8bit": (25.1, 29.1), "lion": (12, 20), "adafactor": (16, 20), "sgd": (8, 12)}
 # A full-rank correction (osd.corrections) scales the m x n update in place: it adds its
 # channel norms and ratios, CORRECTION_TEMPORARIES bytes per row or column of the larger side.
 CORRECTION_TEMPORARIES = 8
@@ -133,11 +138,17 @@ def update_temporaries(
     correction: str = "none",
     proj_optimizer: str | None = None,
     basis_dtype: str = "float32",
+    stacked: bool = False,
+    clipped: bool = False,
 ) -> int:
     """Bytes one update of an m x n parameter allocates at its peak: a subspace update when
     ``rank`` is given (online PCA's basis step when ``proj_optimizer`` is, the name of P's
     optimizer), else a plain one (an 8-bit plain update of a large tensor runs in chunks of
-    ``osd.engine.CHUNK_ELEMENTS``)."""
+    ``osd.engine.CHUNK_ELEMENTS``). ``stacked``: the matrix is one of a stack updated together
+    (without per-layer updates), whose gradients are stacked (a copy, e m n each, alive
+    through the update) and whose update is made whole (e m n) before it is applied; a
+    lone matrix adds it into its weights in place. ``clipped``: osd.Layerwise clips its
+    projected gradient (a copy)."""
     m, n = shape
     e, half = dtype_bytes, dtype_bytes != 4
     if rank is None:
@@ -148,17 +159,22 @@ def update_temporaries(
     bf16_bases = basis_dtype == "bfloat16"
     cast = (4 if bf16_bases else 0) if e == 4 else (0 if bf16_bases else e)
     chunked = eight_bit and p > CHUNK_ELEMENTS  # osd.optim.SubspaceOptimizer._subspace_rule
-    projecting_back = e * m * n + (2 * e if chunked else PROJECTED) * p + cast * q
+    copy = e * p if clipped else 0
+    full = correction != "none" or stacked
+    projecting_back = (e * m * n if full else 0) + (2 * e if chunked else PROJECTED) * p + cast * q + copy
     if correction != "none":
         projecting_back += CORRECTION_TEMPORARIES * max(m, n)
-        if correction != "fira" and half:  # APOLLO projects nothing back: no 16-bit copy of the rule's update
+        if correction != "fira" and half and not chunked:  # APOLLO projects nothing back: no 16-bit copy
             projecting_back -= e * p
-    phases = [projecting_back]
     if eight_bit:
-        phases.append(2 * e * p + RULE_8BIT[half] * CHUNK_ELEMENTS if chunked else RULE_8BIT[half] * p)
+        rule = 2 * e * p + RULE_8BIT[half] * CHUNK_ELEMENTS if chunked else RULE_8BIT[half] * p
+    else:
+        rule = RULE_FP32[half] * p
+    phases = [projecting_back, rule + copy]
     if proj_optimizer is not None:
-        phases.append((e + 4) * p + (BASIS_STEP[proj_optimizer] + (4 if bf16_bases else 0)) * q)
-    return int(max(phases))
+        pairs = 8 * r * r if proj_optimizer == "sgd" else 0
+        phases.append(e * p + BASIS_STEP[proj_optimizer][bf16_bases] * q + pairs)
+    return int(max(phases) + (e * m * n if stacked else 0))
 
 
 @dataclass(frozen=True)
@@ -334,6 +350,7 @@ def estimate(
     correction: str = "none",
     basis_dtype: str = "float32",
     loss_chunk: int = 0,
+    grad_clipping: bool = False,
 ) -> Estimate:
     """Estimate training memory of a LLaMA model; see the module docstring for the formulas.
 
@@ -347,7 +364,9 @@ def estimate(
     per matrix of state and ``CORRECTION_TEMPORARIES`` bytes per row or column to the update.
     ``basis_dtype`` (galore/osd: float32, bfloat16) is the bases' storage dtype.
     ``loss_chunk`` (``osd-train --loss_chunk``): token positions per chunk of the output head
-    and loss, 0 for the whole micro-batch.
+    and loss, 0 for the whole micro-batch. ``grad_clipping``: per-parameter clipping with
+    ``per_layer`` (``osd.Layerwise(max_grad_norm=...)``, ``osd-train --grad_clipping``), which
+    copies each projected gradient.
     """
     shape = model_shape(config)
     if optimizer not in OPTIMIZERS:
@@ -422,36 +441,56 @@ def estimate(
     norm = 2 * e * h + 4  # osd.lean's RMSNorm: input, output, 1 / rms
     layer = (2 * norm + e * (2 * a * d + 2 * k * d) + 4 * a + 3 * e * i) * tokens
     chunked = 0 < loss_chunk < tokens
-    # a chunked head keeps no logits: each chunk's are recomputed in backward
-    head = (norm + (0 if chunked else e * V + 4 * V) + 16) * tokens
+    # chunked, the head keeps nothing (osd.lean.chunked_cross_entropy makes its gradients
+    # in forward): not the final norm's output, nor the labels
+    head = (e * h + 4 + 8 if chunked else norm + 4 * V + 16) * tokens
     rope = 2 * seq_len * d * e
     decoder = shape.layers * (e * h * tokens if activation_checkpointing else layer)
     saved = decoder + head + rope
-    # at the start of backward the loss's fp32 buffers; chunked, one chunk's recomputed
-    # logits, log-softmax and buffers, and the final norm's gradient growing chunk by chunk;
-    # with checkpointing, later, one recomputed layer (the loss buffers are freed by then)
-    loss_buffers = (e + 12) * V * loss_chunk + e * h * tokens if chunked else 8 * V * tokens
-    # a recomputed layer's first norm keeps the checkpointed input: eh per token less
-    transient = max(loss_buffers, layer - e * h * tokens if activation_checkpointing else 0)
+    if chunked:  # at the end of forward: the head's input, its gradient and the head's
+        # gradient (one buffer the chunks add into), one chunk's logits in e and fp32
+        loss_buffers = 2 * e * h * tokens + e * V * h + (e + 4) * V * loss_chunk
+    else:  # at the start of backward: the loss's fp32 buffers
+        loss_buffers = 8 * V * tokens
+    # a layer's backward: with checkpointing its recomputed activations (its input is the
+    # checkpoint's, and the incoming gradient takes that place), else the incoming
+    # gradient; and the MLP's gradient buffers (osd.lean's SwiGLU backward: e i per token)
+    layer_backward = (layer if activation_checkpointing else e * h * tokens) + e * i * tokens
+    transient = max(loss_buffers, layer_backward)
     activations = saved + transient
 
     # the update of one parameter allocates temporaries; the largest parameter's set the peak
+    clipped = per_layer and grad_clipping
+
+    # without per-layer updates, same-shape matrices are updated as one stack of up to
+    # MAX_STACK_BYTES of fp32 gradient (osd.optim: batched), whose temporaries add up
+    same_shape = Counter(p.shape for p in params if subspace and p.targeted)
+
     def step(p):
         shape = (p.shape[0], p.numel // p.shape[0])
         if not (subspace and p.targeted):
             return update_temporaries(shape, e, eight_bit=eight_bit)
         basis_optimizer = proj_optimizer if optimizer == "osd" else None
-        return update_temporaries(shape, e, rank, eight_bit, correction, basis_optimizer, basis_dtype)
+        stack = 1 if per_layer else min(same_shape[p.shape], max(1, MAX_STACK_BYTES // (p.numel * 4)))
+        one = update_temporaries(
+            shape, e, rank, eight_bit, correction, basis_optimizer, basis_dtype, stacked=stack > 1, clipped=clipped
+        )
+        return stack * one
 
     accumulating = gradient_accumulation > 1
     if per_layer:
-        # each gradient lives only while its parameter is updated, which can happen while
-        # all activations are alive: the output head gets its gradient and its update first,
-        # while the loss's buffers still exist (measured on CUDA). Between micro-batches
-        # (accumulation > 1) osd.Layerwise keeps the plain parameters' gradients and an fp32
-        # projected accumulator (max(m,n) x r) per subspace matrix.
+        # Each gradient lives only while its parameter is updated (osd.Layerwise). The peak
+        # is in one of two phases of backward:
+        # * the output head's: its gradient and update come first, while all activations
+        #   and the loss's buffers are alive (chunked: the buffers of forward's end, or the
+        #   head's update beside the input's gradient);
+        # * the last decoder layer's: every layer's saved activations but the final norm's,
+        #   the layer's backward, and the costliest update of one of its matrices (or the
+        #   MLP's second gradient buffer, after the down projection's update).
+        # Between micro-batches (accumulation > 1) osd.Layerwise keeps the plain parameters'
+        # gradients and a projected accumulator (max(m,n) x r, in the gradients' dtype) per subspace matrix.
         def kept(p):
-            return max(p.shape) * min(rank, *p.shape) * 4 if subspace and p.targeted else p.numel * e
+            return max(p.shape) * min(rank, *p.shape) * e if subspace and p.targeted else p.numel * e
 
         held = sum(kept(p) for p in params) if accumulating else 0
         passing = [p for p in params if not accumulating or (subspace and p.targeted)]
@@ -459,10 +498,21 @@ def estimate(
         def passing_grad(p):
             return p.numel * e if p in passing else 0
 
+        def cost(p):
+            return passing_grad(p) + step(p)
+
+        head_param = params[-1]  # the output head, or the tied embedding
+        in_layer = [p for p in params if ".layers.0." in p.name]
         largest = max(params, key=passing_grad)
-        worst = max(params, key=lambda p: passing_grad(p) + step(p))  # the costliest update
+        worst = max(params, key=cost)  # the costliest update
         gradients, temporaries = held + passing_grad(largest), step(worst)
-        total = weights + state + saved + held + transient + passing_grad(worst) + temporaries
+        # the head's update runs after the loss's buffers (and, unchunked, its saved
+        # log-softmax) are freed, beside the gradient of the head's input
+        logsoftmax = 0 if chunked else 4 * V * tokens
+        head_phase = max(loss_buffers, e * h * tokens + cost(head_param) - logsoftmax)
+        layer_phase = layer_backward - e * i * tokens + max(e * i * tokens, max(cost(p) for p in in_layer))
+        in_layers = decoder + rope + 8 * tokens  # the head's saved tensors (and labels) are freed by then
+        total = weights + state + held + max(saved + head_phase, in_layers + layer_phase)
     else:
         temporaries = max(step(p) for p in params)
         if accumulating:  # the gradients of earlier micro-batches stay through the next forward
@@ -497,16 +547,11 @@ def estimate(
             details["optimizer_state"].append((f"basis optimizer ({proj_optimizer})", basis_opt))
         if correction != "none":
             details["optimizer_state"].append((f"{correction} correction norms", norms))
-    buffers = (
-        "one loss chunk's buffers" if chunked else ("loss buffers" if activation_checkpointing else "fp32 loss buffers")
-    )
+    buffers = "the head's gradients and one chunk's logits" if chunked else "fp32 loss buffers"
     details["activations"] = [
         ("decoder layers" + (" (layer inputs only)" if activation_checkpointing else ""), decoder),
-        ("head: final norm, ids" if chunked else "head: final norm, logits, log-softmax, ids", head + rope),
-        (
-            "backward transient: " + (f"max({buffers}, 1 layer)" if activation_checkpointing else buffers),
-            transient,
-        ),
+        ("head: final norm, ids" if chunked else "head: final norm, log-softmax, ids", head + rope),
+        (f"transient: max({buffers}, one layer's backward)", transient),
     ]
     notes = []
     if per_layer:
@@ -514,7 +559,9 @@ def estimate(
             f"per-layer updates: one gradient at a time (largest {largest.name}, {'x'.join(map(str, largest.shape))}), "
             "freed right after its update"
             + (", plus what waits for the last micro-batch (plain gradients, projected accumulators)" if held else "")
-            + "; total = weights + state + activations + that + the passing gradient + step temporaries"
+            + "; total = weights + state + the larger of two phases of backward: the output head's "
+            "(activations, the loss's buffers, the head's gradient and update) and the last layer's "
+            "(layer inputs, its backward, the gradient and update of its costliest matrix)"
         )
     elif accumulating:
         notes.append("total = weights + optimizer state + gradients + max(activations, step temporaries)")
@@ -560,6 +607,7 @@ def trainer_estimate(args) -> Estimate:
         seq_len=args.max_length,
         activation_checkpointing=args.activation_checkpointing,
         loss_chunk=args.loss_chunk,
+        grad_clipping=bool(args.grad_clipping),
         **kwargs,
     )
 
@@ -620,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loss_chunk", type=int, default=0, help="token positions per chunk of the output head and loss (0: all)"
     )
+    parser.add_argument(
+        "--grad_clipping", action="store_true", help="per-parameter gradient clipping (with --per_layer)"
+    )
     args = parser.parse_args(argv)
     return _print(
         lambda: estimate(
@@ -637,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             correction=args.correction,
             basis_dtype=args.basis_dtype,
             loss_chunk=args.loss_chunk,
+            grad_clipping=args.grad_clipping,
         )
     )
 
