@@ -133,10 +133,11 @@ def run(args, device: str, steps: int) -> dict:
     with gpu_like_meta() if meta else contextlib.nullcontext(), tracker if meta else contextlib.nullcontext():
         model, loss_of, optimizer = build(args, device)
         vocab = model.config.vocab_size
-        times = []
+        times, peaks = [], []
         for _ in range(steps):
             if cuda:
                 torch.cuda.synchronize()
+            tracker.peak = tracker.live  # this step's peak
             start = time.perf_counter()
             for _ in range(args.gradient_accumulation):
                 ids = torch.randint(0, vocab, (args.batch_size, args.max_length), device=device)
@@ -146,14 +147,15 @@ def run(args, device: str, steps: int) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            peaks.append(tracker.peak)
     out = dict(state_bytes=optimizer.state_bytes())
     if not meta:  # meta computes nothing: its time is Python's
         out["tokens_per_s"] = args.total_batch_size * args.max_length * len(times[1:]) / sum(times[1:])
         out["first_step_s"] = times[0]
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    if meta:
-        out["peak_bytes"] = tracker.peak
+    if meta:  # and without the first step (the initial bases), which osd.memory leaves out
+        out["peak_bytes"], out["steady_peak_bytes"] = max(peaks), max(peaks[1:])
     del model, loss_of, optimizer
     gc.collect()
     if cuda:

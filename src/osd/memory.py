@@ -22,47 +22,57 @@
     contains "attn" or "mlp" (``osd.param_groups``). Embeddings, norms and the output head
     keep the plain rule.
 
-* **activations**: what autograd saves in the forward pass of Hugging Face's
-  ``LlamaForCausalLM`` (SDPA attention, no dropout, no padding mask) with the lean RMSNorm
-  and SwiGLU of :mod:`osd.lean` (which ``osd-train`` applies), plus the logits and the
-  loss's fp32 gradient buffers at the start of backward. Per token, with e = bytes of
-  ``dtype``, h hidden, i intermediate, a heads, k key/value heads, d head dim, V vocab::
+* **activations**: what autograd saves in the forward pass of ``osd-train``'s loss
+  (``osd.train.TokenLoss``: Hugging Face's ``LlamaForCausalLM``, SDPA attention, no
+  dropout, no padding mask, with the lean RMSNorm and SwiGLU of :mod:`osd.lean`; the
+  logits are not held), plus the largest transient of backward. Per token, with e = bytes
+  of ``dtype``, h hidden, i intermediate, a heads, k key/value heads, d head dim, V vocab::
 
       decoder layer   2 RMSNorms   2 (2eh + 4)           input, output, 1 / rms
                       attention    e (2ad + 2kd) + 4a    q, k (after RoPE), v, SDPA output, fp32 logsumexp
                       MLP          3ei                   gate, up, silu(gate)*up
       head            final norm   2eh + 4
-                      logits       eV + 4V               logits (held by the model output), fp32 log-softmax
-                      loss buffers 8V                    fp32 grads of log-probs and logits (first backward op)
+                      log-softmax  4V                    fp32
                       token ids    16                    int64 input ids and shifted labels
+      transient       loss buffers 8V                    fp32 grads of log-probs and logits (first backward op)
+                      or a layer's backward: the incoming gradient eh and the MLP's ei
 
   plus RoPE's cos/sin (2 s d e per sequence, shared by all layers). With activation
   checkpointing each layer keeps only its input (eh per token) and one layer's activations
-  are recomputed at a time during backward: ``L eh + one layer + head``, where the
-  recomputed layer's first norm keeps the checkpointed input itself (eh less).
-  Transformers' own modules keep 4h bytes more per norm and ei more per MLP
-  (``osd.lean``'s docstring).
-  With ``loss_chunk`` c (``osd-train --loss_chunk``) the head keeps no logits: each chunk's
-  are recomputed in backward, so the loss's transient is one chunk's logits, log-softmax
-  and buffers, ``(e + 12) V c``, plus the final norm's gradient, ``e h`` per token of the batch.
-  tests/test_memory.py checks the per-token count against the tensors autograd really keeps.
+  are recomputed at a time during backward (its first norm keeps the checkpointed input
+  itself, and the incoming gradient takes that place). Transformers' own modules keep 4h
+  bytes more per norm and ei more per MLP (``osd.lean``'s docstring).
+  With ``loss_chunk`` c (``osd-train --loss_chunk``, :func:`osd.lean.chunked_cross_entropy`)
+  the head saves nothing but the final norm's input (eh + 4) and the ids (8): its gradients
+  are made in forward, so at forward's end the transient is the head's input and its
+  gradient (2 e h per token of the batch), the head's gradient (e V h) and one chunk's
+  logits in e and fp32 (``(e + 4) V c``). tests/test_memory.py checks the per-token counts
+  against the tensors autograd really keeps.
 
 * **step temporaries**: what the update of the costliest parameter allocates for a moment
-  (:func:`update_temporaries`; 8-bit state is dequantised one stack at a time, and a lone plain
-  tensor above ``osd.engine.CHUNK_ELEMENTS`` values, an embedding or head, one chunk of that
-  many values at a time).
+  (:func:`update_temporaries`: by phase of a subspace update; 8-bit state is dequantised
+  one stack at a time, and a lone plain tensor above ``osd.engine.CHUNK_ELEMENTS`` values,
+  an embedding or head, one chunk of that many values at a time). Without per-layer
+  updates same-shape matrices are updated as one stack, whose temporaries add up.
 
-* **total**: the estimated peak, ``weights + optimizer state + max(activations, gradients +
-  step temporaries)``. Backward frees a layer's saved activations as it creates that layer's
-  gradients; for a stack of identical layers the live memory moves almost linearly from
-  "all activations" (start of backward) to "all gradients" (optimizer step), so the peak
-  is at one end. With ``per_layer`` the output head's gradient and update come first, while
-  all activations and the loss's buffers are alive, so they add. With gradient
-  accumulation the gradients of earlier micro-batches add to the activations. Not counted:
-  kernel workspaces, the CUDA context and allocator fragmentation. ``sum`` (every row
-  added) is an upper bound on the tensors alive. Checked against
-  ``torch.cuda.max_memory_allocated`` on an H100 by ``bench/memory.py --measure`` (the
-  errors are in the README).
+* **total**: the estimated peak. Without ``per_layer``: ``weights + optimizer state +
+  max(activations, gradients + step temporaries)``: backward frees a layer's saved
+  activations as it creates that layer's gradients; for a stack of identical layers the
+  live memory moves almost linearly from "all activations" (start of backward) to "all
+  gradients" (optimizer step), so the peak is at one end; with gradient accumulation the
+  gradients of earlier micro-batches add to the activations. With ``per_layer`` each
+  gradient lives only through its own update, and the peak is the larger of two phases
+  of backward: the output head's (all activations and the loss's buffers, or the head's
+  gradient and update) and the last decoder layer's (every layer's input, that layer's
+  recomputed activations and backward, and the costliest update of one of its matrices).
+  Not counted: the first step's initial bases (an SVD per matrix: per layer, measured
+  below the later steps' peak), kernel workspaces, the CUDA context and allocator
+  fragmentation. ``sum`` (every row added) is an upper bound on the tensors alive.
+  tests/test_memory.py checks the total against whole steps of the trainer on the meta
+  device (``bench/configs.py --device meta``: allocations tracked, FlashAttention's
+  kernel) for a 2-layer model of LLaMA-7B's width, to 0.1% for per-layer configs;
+  ``bench/memory.py --measure`` and ``bench/configs.py`` against
+  ``torch.cuda.max_memory_allocated`` on a GPU (the errors are in the README).
 
 Needs no transformers and allocates nothing: the sizes come from ``osd.models.SIZES``.
 """
@@ -486,7 +496,7 @@ def estimate(
         #   head's update beside the input's gradient);
         # * the last decoder layer's: every layer's saved activations but the final norm's,
         #   the layer's backward, and the costliest update of one of its matrices (or the
-        #   MLP's second gradient buffer, after the down projection's update).
+        #   down projection's backward).
         # Between micro-batches (accumulation > 1) osd.Layerwise keeps the plain parameters'
         # gradients and a projected accumulator (max(m,n) x r, in the gradients' dtype) per subspace matrix.
         def kept(p):
@@ -510,9 +520,16 @@ def estimate(
         # log-softmax) are freed, beside the gradient of the head's input
         logsoftmax = 0 if chunked else 4 * V * tokens
         head_phase = max(loss_buffers, e * h * tokens + cost(head_param) - logsoftmax)
-        layer_phase = layer_backward - e * i * tokens + max(e * i * tokens, max(cost(p) for p in in_layer))
+        # the MLP's down projection makes its input's and its weight's gradients while its
+        # saved input is alive; its update runs after that input is freed
+        down = e * i * tokens + e * h * i
+        layer_phase = layer_backward - e * i * tokens + max(down, max(cost(p) for p in in_layer))
         in_layers = decoder + rope + 8 * tokens  # the head's saved tensors (and labels) are freed by then
-        total = weights + state + held + max(saved + head_phase, in_layers + layer_phase)
+        # accumulating, one of the embedding's and the head's gradients is not held during
+        # the layers' backward: the first micro-batch has not made the embedding's yet, the
+        # last has updated the head already
+        held_in_layers = held - kept(head_param) if accumulating else 0
+        total = weights + state + max(held + saved + head_phase, held_in_layers + in_layers + layer_phase)
     else:
         temporaries = max(step(p) for p in params)
         if accumulating:  # the gradients of earlier micro-batches stay through the next forward
