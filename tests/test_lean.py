@@ -95,3 +95,59 @@ def test_state_dict_pickle_and_other_activations():
     gelu = llama("float32", hidden_act="gelu")
     assert lean.apply(gelu) == 2 * gelu.config.num_hidden_layers + 1  # norms only: the MLP is not SwiGLU
     assert type(gelu.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def _loss_case(dtype, n=37, h=16, vocab=50):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, h, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    targets[[3, 10, n - 1]] = -100  # ignored, as a sequence's last position and padding are
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [1, 8, 37, 100])
+def test_chunked_cross_entropy_equals_the_whole_loss(dtype, chunk):
+    """The trainer's chunked head and loss: F.cross_entropy's value and gradients (to
+    rounding; the loss's incoming gradient scales them), any chunk size, -100 ignored; no
+    gradient buffers under no_grad."""
+    hidden, weight, targets = _loss_case(DTYPES[dtype])
+    torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets, reduction="sum").div(
+        7
+    ).backward()
+    want = (hidden.grad, weight.grad)
+    hidden.grad = weight.grad = None
+    loss = lean.chunked_cross_entropy(hidden, weight, targets, chunk)
+    loss.div(7).backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=2e-2, atol=1e-2)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight).float(), targets, reduction="sum"
+        )
+        torch.testing.assert_close(lean.chunked_cross_entropy(hidden, weight, targets, chunk), ref)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, want[0], **tol)
+    torch.testing.assert_close(weight.grad, want[1], **tol)
+    assert hidden.grad.dtype == weight.grad.dtype == DTYPES[dtype]
+
+
+def test_chunked_cross_entropy_under_autocast():
+    """fp32 master weights under bf16 autocast: bf16 matmuls as autocast's linear, fp32
+    gradients for the fp32 leaves."""
+    hidden, weight, targets = _loss_case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight).float(), targets, reduction="sum"
+        )
+        loss = lean.chunked_cross_entropy(hidden, weight, targets, 8)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True])
+def test_chunked_cross_entropy_bad_chunk(chunk):
+    hidden, weight, targets = _loss_case(torch.float32)
+    with pytest.raises(ValueError, match="chunk must be a positive number of token positions, got"):
+        lean.chunked_cross_entropy(hidden, weight, targets, chunk)

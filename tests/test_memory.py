@@ -445,6 +445,22 @@ def test_cli_prints_a_table(capsys):
     assert "total (peak estimate)" in out and "basis optimizer (adamw)" in out
 
 
+def test_per_layer_clipping_copies_each_projected_gradient():
+    """osd.Layerwise's clipping keeps a clipped copy of a projected gradient through the rule
+    (e per value of max(m, n) x r); nothing without per-layer updates."""
+    from osd.memory import update_temporaries
+
+    kw = dict(optimizer="osd", rank=1024, eight_bit=True, activation_checkpointing=True, batch_size=16)
+    kw.update(proj_optimizer="sgd", basis_dtype="bfloat16", loss_chunk=1024)  # configs/llama_7b_sgd.toml
+    for per_layer, extra in ((True, 11008 * 1024 * 2), (False, 0)):
+        plain = estimate("llama_7b", per_layer=per_layer, **kw)
+        clipped = estimate("llama_7b", per_layer=per_layer, grad_clipping=True, **kw)
+        assert clipped.total - plain.total <= extra
+        assert (clipped.total > plain.total) == per_layer
+    one = update_temporaries((4096, 11008), 2, 1024, True)
+    assert update_temporaries((4096, 11008), 2, 1024, True, clipped=True) == one + 11008 * 1024 * 2
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

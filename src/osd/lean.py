@@ -1,4 +1,5 @@
-"""Lean activations for LLaMA: RMSNorm and the SwiGLU MLP with fewer saved tensors.
+"""Lean activations for LLaMA: RMSNorm and the SwiGLU MLP with fewer saved tensors, and the
+output head's loss in chunks.
 
 Hugging Face's ``LlamaRMSNorm`` and ``LlamaMLP`` are plain compositions of torch ops, so
 autograd keeps what each op needs, per token of hidden size h and MLP width i:
@@ -22,6 +23,10 @@ gradient in fp32, as autograd's fp32 ops do), so gradients agree to rounding
 (``tests/test_lean.py``). At LLaMA-7B, batch 16 x 256, in bf16: 0.13 GB less per decoder
 layer whose activations are kept (32 layers without activation checkpointing: 4.3 GB;
 with it, the one layer recomputed at a time) and 0.07 GB less for the final norm.
+
+:func:`chunked_cross_entropy` is the trainer's output head and loss in chunks of token
+positions (``osd-train --loss_chunk``), with the gradients made in forward: one chunk's
+logits at a time, and one buffer for the head's gradient.
 
 Only ``transformers``' LLaMA classes are changed (by class, so checkpoints, ``state_dict``
 and ``save_pretrained`` are unaffected), and the MLP only with the SiLU activation. The
@@ -146,6 +151,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``hidden`` (tokens x h) and ``targets`` (tokens, -100 ignored), ``chunk`` tokens at a
     time (:class:`ChunkedCrossEntropy`): the same value and gradients to rounding, with one
     chunk's logits alive at a time."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk must be a positive number of token positions, got {chunk!r}")
     device = hidden.device.type
     if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, weight.dtype)

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss_chunk",
         type=int,
         default=0,
-        help="token positions per chunk of the output head and loss, each chunk's logits recomputed in backward "
+        help="token positions per chunk of the output head and loss, their gradients made in forward "
         "(0: the whole micro-batch at once); bounds the logits' memory to one chunk",
     )
     p.add_argument("--proj_lr", type=float, help="online PCA: fixed P lr (default (1/gap) * lr_t/lr_0)")
@@ -517,10 +517,10 @@ class TokenLoss(torch.nn.Module):
     labelled tokens, from fp32 logits. DDP and FSDP2 wrap this module, so the output head
     and the loss run inside their forward.
 
-    With ``chunk`` > 0 the head and the loss run on ``chunk`` token positions at a time, and
-    each chunk's logits are recomputed in backward (non-reentrant activation checkpointing
-    of the head): the logits, their fp32 copy and the loss's gradient buffers exist for one
-    chunk at a time instead of the whole micro-batch, for one more head matmul per chunk."""
+    With ``chunk`` > 0 the head and the loss run on ``chunk`` token positions at a time, with
+    their gradients made in forward (:func:`osd.lean.chunked_cross_entropy`): the logits
+    and their fp32 copy exist for one chunk at a time instead of the whole micro-batch, and
+    the head's gradient is one buffer the chunks add into; the same matmuls as unchunked."""
 
     def __init__(self, lm, chunk: int = 0):
         super().__init__()
