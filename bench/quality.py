@@ -249,6 +249,21 @@ METHODS = [
     Method("osd_transport", "OSD + transport", 1e-2, flags=_osd("continuous", transport=True), ablation=True),
     Method("osd_orth", "OSD + orth_reg 0.1, P lr 5x", 1e-2, flags=_osd("continuous", orth_reg=0.1), ablation=True),
     Method("osd_retract", "OSD + QR every 10", 1e-2, flags=_osd("continuous", retract_every=10), ablation=True),
+    # bf16 storage of the bases (the 7B configs' basis_dtype) against fp32, for two P optimizers
+    Method(
+        "osd_sgd_bf16_bases",
+        "OSD, SGD on P, bf16 bases",
+        1e-2,
+        flags=_osd("continuous_sgd", basis_dtype="bfloat16"),
+        ablation=True,
+    ),
+    Method(
+        "osd_sgd_fira_bf16_bases",
+        "OSD + Fira, SGD on P, bf16 bases",
+        1e-2,
+        flags=_osd("continuous_sgd", correction="fira", basis_dtype="bfloat16"),
+        ablation=True,
+    ),
 ]
 BY_KEY = {m.key: m for m in METHODS}
 

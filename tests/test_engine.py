@@ -525,3 +525,28 @@ def test_large_plain_tensor_updates_in_chunks_with_the_same_numbers(cls, monkeyp
     for key in whole_state:
         torch.testing.assert_close(chunked_state[key], whole_state[key], rtol=0, atol=0)
     assert whole_peak >= 64 * 1024 and chunked_peak <= 4096, (whole_peak, chunked_peak)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(24, 40), (6, 4, 2, 5)])
+def test_a_lone_matrix_adds_its_update_in_place(shape, decay):
+    """A stack of one (what osd.Layerwise steps) adds the projected-back update into its
+    weights in place, with or without weight decay: the same weights as the same matrix
+    stepped in a stack of two (where the m x n update is made), to rounding; a 4-D
+    parameter is its rows x the rest."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    group = {"rank": 3, "weight_decay": decay, **OSD_PAPER}
+    lone = torch.nn.Parameter(w0.clone())
+    pair = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())]
+    opts = osd.AdamW([{"params": [lone], **group}], lr=1e-2), osd.AdamW([{"params": pair, **group}], lr=1e-2)
+    for g in grads:
+        lone.grad = g.clone()
+        for p in pair:
+            p.grad = g.clone()
+        for opt in opts:
+            opt.step()
+    assert [len(s) for s in opts[1].stacks(pair)] == [2]
+    torch.testing.assert_close(lone.detach(), pair[0].detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(lone.detach(), w0)

@@ -355,7 +355,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     # one matrix (osd.Layerwise): the last product adds into the weights in place
                     # (no m x n update); with decay, (1 - decay) W + decay U as the lerp below
                     alpha, beta = (decay, 1 - decay) if decay else (-scale, 1.0)
-                    projectors.project_back_add(params[0].unsqueeze(0), delta, bases, alpha, beta)
+                    weight = params[0].view(1, *_matrix_shape(params[0]))
+                    projectors.project_back_add(weight, delta, bases, alpha, beta)
                 else:
                     update = projectors.project_back(delta, bases)
             if update is not None and decay:
