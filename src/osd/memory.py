@@ -503,10 +503,9 @@ def estimate(
             return max(p.shape) * min(rank, *p.shape) * e if subspace and p.targeted else p.numel * e
 
         held = sum(kept(p) for p in params) if accumulating else 0
-        passing = [p for p in params if not accumulating or (subspace and p.targeted)]
 
-        def passing_grad(p):
-            return p.numel * e if p in passing else 0
+        def passing_grad(p):  # accumulating, plain gradients are held, not passing
+            return p.numel * e if not accumulating or (subspace and p.targeted) else 0
 
         def cost(p):
             return passing_grad(p) + step(p)
