@@ -21,7 +21,11 @@ Candidates (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 for all):
   correction); ``osd AdamW svd`` / ``random``: GaLore's and random bases, no correction (as
   galore-torch);
 * ``galore AdamW``: ``galore_torch.GaLoreAdamW`` (same rank, scale, update_proj_gap,
-  proj_type "std").
+  proj_type "std");
+* ``products online_pca paper`` / ``products svd``: not optimizers, the floor under them: the
+  m·n·r matrix products of a step alone (the paper's three, BᵀG, the PCA gradient's G·Rᵀ and
+  B·D; SVD's and galore-torch's two, BᵀG and B·D), as one fp32 ``bmm`` per stack of
+  same-shape matrices into preallocated outputs (basis on the smaller side, as ``side="auto"``).
 
 All optimizers share the same parameter and gradient tensors (each keeps its own state),
 which keeps the 350m run in memory; the parameter values drift, which does not matter for
@@ -50,6 +54,7 @@ Writes OUT/step.md and the bar plot OUT/step.png (OUT defaults to bench/out).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -77,10 +82,13 @@ METHODS = [
     "osd AdamW8bit plain",
     "osd AdamW8bit online_pca",
     "torchao AdamW8bit",
+    "products online_pca paper",
+    "products svd",
 ]
 DEFAULT_METHODS = [m for m in METHODS if m not in ("torch AdamW for-loop", "torchao AdamW8bit")]
 OPS_LAYERS = 16  # dispatched ops are counted for this many layers of the model's matrices
 REFRESHING = ("osd AdamW svd", "osd AdamW random", "galore AdamW")
+PRODUCTS = {"products online_pca paper": 3, "products svd": 2}  # m·n·r products per matrix
 BASELINE = "torch AdamW foreach"
 # subspace-group options of the osd methods beyond rank, gap and scale: (projector, options)
 OSD_GROUPS = {
@@ -151,7 +159,34 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Products:
+    """The m·n·r matrix products of a subspace step alone, for the shapes of ``params``: one
+    fp32 ``bmm`` per product and stack of same-shape matrices, into preallocated outputs. Its
+    ``step()`` is the time no projected step of these shapes can beat on the device."""
+
+    def __init__(self, params: list, rank: int, products: int):
+        self.state, self.products = {}, products
+        shapes = {}
+        for p in params:
+            shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+        self.stacks = []
+        for (m, n), k in shapes.items():
+            small, big = min(m, n), max(m, n)  # basis on the smaller side: B small x r
+            new = functools.partial(torch.randn, device=params[0].device)
+            g, b = new(k, small, big), new(k, small, rank)
+            self.stacks.append((g, b, new(k, rank, big), new(k, small, rank), new(k, small, big)))
+
+    def step(self):
+        for g, b, r, c, out in self.stacks:
+            torch.bmm(b.mT, g, out=r)  # projection: B^T G, r x n
+            if self.products == 3:
+                torch.bmm(g, r.mT, out=c)  # the PCA gradient's G R^T, m x r
+            torch.bmm(b, r, out=out)  # back: B D, m x n
+
+
 def build(method: str, params: list, rank: int, proj_dtype: str = "auto", stack_bytes: int | None = None):
+    if method in PRODUCTS:
+        return Products(params, rank, PRODUCTS[method])
     if method == "torch AdamW foreach":
         return torch.optim.AdamW(params, lr=LR, eps=EPS, weight_decay=WD, foreach=True)
     if method == "torch AdamW fused":
@@ -426,6 +461,17 @@ def targets(rows) -> list[str]:
             f"Target: osd.AdamW(svd) between refreshes at most 0.9x galore-torch's step: "
             f"{'met' if ratio <= 0.9 else 'missed'} ({ratio:.2f}x)."
         )
+    floors = (
+        ("products online_pca paper", BASELINE, 2.0, "the 2.0x target"),
+        ("products svd", "galore AdamW", 0.9, "the 0.9x target"),
+    )
+    for floor, against, limit, name in floors:
+        if floor in by and against in by:
+            ratio = by[floor]["ms"] / by[against]["ms"]
+            out.append(
+                f"Floor: {floor} alone take {by[floor]['ms'] * 1e3:.1f} ms = {ratio:.2f}x {against}: "
+                f"{name} is {'below' if ratio > limit else 'above'} the products' floor on this device."
+            )
     return out
 
 
@@ -445,6 +491,8 @@ def plot(rows, path: Path, title: str):
             if x["method"].startswith("torch")
             else "tab:orange"
             if x["method"].startswith("galore")
+            else "tab:olive"
+            if x["method"] in PRODUCTS
             else "tab:blue"
             for x in sel
         ]
