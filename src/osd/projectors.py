@@ -165,17 +165,28 @@ def _svd_bases(
     stored in ``dtype``): an exact SVD,
     or ``method="randomized"`` (:func:`_randomized_svd`: O(mnr) instead of O(mn min(m,n))).
     Row shards gather ``g`` (every rank computes the same SVD) and keep their rows of the
-    left basis."""
-    g = shard.gather(g).float()
-    if method == "randomized" and rank + OVERSAMPLE < min(g.shape[-2:]):
-        u, _, vh = _randomized_svd(g, rank)
-    else:
-        u, _, vh = _svd(g)
-    bases = {}
-    if rows:
-        bases[ROWS] = shard.rows(u[..., :rank].to(dtype)).contiguous()
-    if cols:
-        bases[COLS] = vh[..., :rank, :].mT.to(dtype).contiguous()
+    left basis.
+
+    One matrix at a time: LAPACK and cuSOLVER decompose a batch of large matrices one by one
+    anyway, and this way what the SVD allocates (the gathered fp32 gradient, U, S and Vh,
+    several times the gradient) is one matrix's, not the stack's."""
+    k, bases = g.shape[0], {}
+    for i in range(k):
+        x = shard.gather(g[i : i + 1]).float()
+        if method == "randomized" and rank + OVERSAMPLE < min(x.shape[-2:]):
+            u, _, vh = _randomized_svd(x, rank)
+        else:
+            u, _, vh = _svd(x)
+        tops = {}
+        if rows:
+            tops[ROWS] = shard.rows(u[..., :rank])
+        if cols:
+            tops[COLS] = vh[..., :rank, :].mT
+        for key, top in tops.items():
+            if key not in bases:
+                bases[key] = top.new_empty((k,) + top.shape[1:], dtype=dtype)
+            bases[key][i : i + 1].copy_(top)
+        del x, u, vh, tops
     return bases
 
 
