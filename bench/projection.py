@@ -117,7 +117,7 @@ def pca_case(g: torch.Tensor, rank: int, seed: int):
     projected = projectors.project(g, state)
 
     def closed_form():
-        pca.after_update(g, projected, state, step=1, lr_ratio=1.0)
+        pca.after_update(pca.prepare(g, projected, state, step=1), state, step=1, lr_ratio=1.0)
 
     def autograd():
         autograd_update(pca, g, state, step=1, lr_ratio=1.0)

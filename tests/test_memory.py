@@ -262,22 +262,58 @@ def test_update_temporaries_bound_what_a_step_allocates(update, dtype):
     matrix allocates (an allocation-tracking dispatch mode), at LLaMA's MLP and attention
     aspect ratios (2.69 and 1) and ranks where each phase of the update is the peak: never
     below, at most 12% above."""
+    _check_update_temporaries(update, dtype, "lone")
+
+
+# where the step reuses the gradient's buffer for the m x n update: a correction's under
+# osd.Layerwise, and every stack's (a copy of the gradients)
+REUSING = [
+    ("layerwise", "osd_fira"),
+    ("layerwise", "osd_apollo"),
+    ("layerwise", "galore8_apollo_mini"),
+    ("layerwise", "osd8_adam8_fira_bf16_bases"),
+    ("stacked", "galore"),
+    ("stacked", "osd_sgd"),
+    ("stacked", "osd8_adam8"),
+    ("stacked", "osd_defaults"),
+    ("stacked", "osd_apollo"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("mode", "update"), REUSING)
+def test_update_temporaries_where_the_gradient_is_reused(mode, update, dtype):
+    """The same where the update is made in the gradient's buffer: a correction's under
+    osd.Layerwise (``scratch``), a stack of two matrices' (``stacked``; twice one's)."""
+    _check_update_temporaries(update, dtype, mode)
+
+
+def _check_update_temporaries(update, dtype, mode):
     from osd.memory import update_temporaries
 
     cls, group, eight_bit, proj_optimizer = _update_case(update)
+    k = 2 if mode == "stacked" else 1
     for shape, rank in (((512, 1376), 128), ((512, 512), 256), ((1024, 512), 32)):
         gen = torch.Generator().manual_seed(0)
-        w = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype]))
-        opt = cls([{"params": [w], "rank": rank, **group}], lr=1e-3)
+        ws = [torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype])) for _ in range(k)]
+        opt = cls([{"params": ws, "rank": rank, **group}], lr=1e-3)
+        layerwise = osd.Layerwise(opt) if mode == "layerwise" else None
         for _ in range(3):  # the last is a steady-state step
-            w.grad = torch.randn(shape, generator=gen).to(DTYPES[dtype])
+            for w in ws:
+                w.grad = torch.randn(shape, generator=gen).to(DTYPES[dtype])
             with AllocatedPeak() as allocated:
-                opt.step()
+                if layerwise:  # what backward's hook does
+                    layerwise._hook(ws[0])
+                    layerwise.step()
+                else:
+                    opt.step()
         e = torch.finfo(DTYPES[dtype]).bits // 8
         correction = group.get("correction", "none")
         basis_dtype = group.get("basis_dtype", "float32")
-        est = update_temporaries(shape, e, rank, eight_bit, correction, proj_optimizer, basis_dtype)
-        assert 0.99 * allocated.peak <= est <= 1.12 * allocated.peak, (shape, rank, est, allocated.peak)
+        one = update_temporaries(
+            shape, e, rank, eight_bit, correction, proj_optimizer, basis_dtype, k > 1, scratch=mode == "layerwise"
+        )
+        assert 0.99 * allocated.peak <= k * one <= 1.12 * allocated.peak, (shape, rank, k * one, allocated.peak)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -592,7 +628,8 @@ def test_total_against_a_whole_step_on_meta(case, tmp_path):
     LLaMA-7B's width with 2 decoder layers, where the per-layer terms are what matter: equal
     to 0.1% (and 1 MiB of scalars and masks) (the fp32 plain update's figure is from an H100, 2%
     above what the meta device sees). The first step, which computes the initial bases (one
-    SVD at a time, also for a stack), peaks no higher than the later ones."""
+    SVD at a time, also for a stack), is not modelled: it peaks at most 0.4% above the later
+    ones (the lean config, whose Fira update reuses the gradient's buffer: 9 MB)."""
     from pathlib import Path
 
     from osd.memory import trainer_estimate
@@ -609,4 +646,4 @@ def test_total_against_a_whole_step_on_meta(case, tmp_path):
     steady, peak = measured["steady_peak_bytes"], measured["peak_bytes"]
     high = 1.03 if case == "fp32 state, fp32 bases" else 1.001
     assert steady - 2**20 <= est <= high * steady, (est, steady)  # 1 MiB: scalars and masks
-    assert peak == steady, (peak, steady)
+    assert steady <= peak <= 1.004 * steady, (peak, steady)

@@ -65,6 +65,7 @@ def update(
     shard: Whole = WHOLE,
     alpha: float = 1.0,
     micro_batches: int = 1,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``alpha`` times the full-space update of a stack (``W <- W - update``, before weight
     decay), in ``g``'s dtype, for the correction ``kind``; it replaces the plain
@@ -84,12 +85,13 @@ def update(
     the base (a new tensor for Fira, ``G - scale B P`` in one ``baddbmm``) is scaled in
     place, then the subspace update is added to it (Fira): the update allocates one
     ``m x n`` tensor in ``g``'s dtype, as an update without a correction, and a few fp32
-    numbers per row or column (``osd.memory.CORRECTION_TEMPORARIES``)."""
+    numbers per row or column (``osd.memory.CORRECTION_TEMPORARIES``). With ``in_place``
+    (``g`` is the caller's to lose) the update is made in ``g``'s buffer: no m x n tensor."""
     if step_size == 0:  # lr 0 (a warmup's first step): no update, and no ratio to take
-        return torch.zeros_like(g)
+        return g.zero_() if in_place else torch.zeros_like(g)
     dims = _ratio_dims(bases) if kind != "apollo_mini" else (-2, -1)
     if kind == "fira":
-        base = project_back_add(g, g_projected.to(g.dtype), bases, -scale)
+        base = project_back_add(g, g_projected.to(g.dtype), bases, -scale, 1.0 if in_place else None)
     else:  # APOLLO: the whole gradient, scaled channel-wise or tensor-wise (and by scale)
         base, alpha = g, alpha * scale
     r_rows = projected_layout(shard, bases)
@@ -112,4 +114,4 @@ def update(
         beta = alpha
     if kind == "fira":  # beta (base phi) + alpha scale B delta
         return project_back_add(base.mul_(phi), delta.to(g.dtype), bases, alpha * scale, beta)
-    return torch.mul(base, phi, out=torch.empty_like(g)).mul_(beta)  # fp32 maths, g's dtype
+    return torch.mul(base, phi, out=g if in_place else torch.empty_like(g)).mul_(beta)  # fp32 maths, g's dtype

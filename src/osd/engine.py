@@ -14,10 +14,11 @@ slice of one ``k x ...`` tensor, so a step reads the stack without copying it
 ``load_state_dict``, or when a parameter of the stack got no gradient.
 
 ``max_stack_bytes`` (a param-group option, default :data:`MAX_STACK_BYTES` on every device)
-bounds the temporaries a stack allocates: the stacked gradients and updates (``k m n``
-elements each) are split into stacks of at most that many bytes of fp32 gradient. On a CPU
-smaller stacks can be faster (large fresh allocations page-fault there; README, "Optimizer
-step"), at the price of more ops per step.
+bounds the temporaries a stack allocates: the stacked gradients (``k m n`` elements, into
+whose buffer the update goes once the projector has taken its products of them) are split
+into stacks of at most that many bytes of fp32 gradient. On a CPU stacks of at most 30 MiB
+can be faster (glibc maps larger fresh allocations anew, and they page-fault on every step;
+README, "Optimizer step"), at the price of more ops per step.
 """
 
 from __future__ import annotations

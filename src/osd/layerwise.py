@@ -138,10 +138,11 @@ class Layerwise(torch.optim.Optimizer):
         r = state.pop("accum").add_(g_projected[0]).unsqueeze(0) if micro > 1 else g_projected
         if last:  # r holds this rank's rows when only the right side is projected
             # finish is handed the only reference to the clipped copy of r (accumulated, to r
-            # itself, clipped in place), and frees it before P's step
+            # itself, clipped in place), and frees it before P's step; the gradient is gone
+            # from p.grad, so a correction may make its update in g's buffer
             clipped = [self._clip(r, projectors.projected_layout(layout, state), in_place=micro > 1)]
             del r
-            opt.finish([p], clipped.pop(), g, g_projected, micro_batches=self.accumulation_steps)
+            opt.finish([p], clipped.pop(), g, g_projected, micro_batches=self.accumulation_steps, scratch=True)
         else:
             state["accum"] = r[0]
 

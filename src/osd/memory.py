@@ -65,8 +65,8 @@
   of backward: the output head's (all activations and the loss's buffers, or the head's
   gradient and update) and the last decoder layer's (every layer's input, that layer's
   recomputed activations and backward, and the costliest update of one of its matrices).
-  Not counted: the first step's initial bases (one matrix's SVD at a time: measured below
-  the later steps' peak, per layer and stacked), kernel workspaces (LAPACK's and
+  Not counted: the first step's initial bases (one matrix's SVD at a time: measured at
+  most 0.4% above the later steps' peak, per layer and stacked), kernel workspaces (LAPACK's and
   cuSOLVER's for that SVD among them), the CUDA context and allocator fragmentation. ``sum`` (every row added) is an upper bound on the tensors alive.
   tests/test_memory.py checks the total against whole steps of the trainer on the meta
   device (``bench/configs.py --device meta``: allocations tracked, FlashAttention's
@@ -120,8 +120,10 @@ PLAIN_TEMPORARIES = {"adamw": (8, 4), "adamw8bit": (20.1, 24.1)}
 # * projecting back: the projected gradient beside the rule's fp32 update and its cast
 #   (PROJECTED per P, or e each per P when chunked) and the bases cast to the projection
 #   dtype where they differ (e or 4 per Q). A lone matrix (osd.Layerwise, or a stack of
-#   one) adds the last product into its weights in place; a stack, or a full-rank
-#   correction, makes the m x n update (e m n) first;
+#   one) adds the last product into its weights in place; a stack makes the m x n update
+#   in its stacked gradients' buffer, a full-rank correction in the gradient's where the
+#   step may reuse it (osd.Layerwise's), else in a new tensor (e m n); before the buffer
+#   is reused, online PCA takes its r-wide products of the gradient (4 per Q, fp32);
 # * online PCA's basis step, after the update is freed: the projected gradient (e per P)
 #   and BASIS_STEP per Q (the PCA gradient, P's optimizer on a scratch copy of its state,
 #   the new basis) by P's optimizer, without and with bf16 bases (their fp32 copies); SGD
@@ -150,15 +152,17 @@ def update_temporaries(
     basis_dtype: str = "float32",
     stacked: bool = False,
     clipped: bool = False,
+    scratch: bool = False,
 ) -> int:
     """Bytes one update of an m x n parameter allocates at its peak: a subspace update when
     ``rank`` is given (online PCA's basis step when ``proj_optimizer`` is, the name of P's
     optimizer), else a plain one (an 8-bit plain update of a large tensor runs in chunks of
     ``osd.engine.CHUNK_ELEMENTS``). ``stacked``: the matrix is one of a stack updated together
     (without per-layer updates), whose gradients are stacked (a copy, e m n each, alive
-    through the update) and whose update is made whole (e m n) before it is applied; a
-    lone matrix adds it into its weights in place. ``clipped``: osd.Layerwise clips its
-    projected gradient (a copy)."""
+    through the update), into whose buffer the update is made before it is applied; a lone
+    matrix adds it into its weights in place. ``clipped``: osd.Layerwise clips its
+    projected gradient (a copy). ``scratch``: a lone matrix's gradient is the update's to
+    reuse (osd.Layerwise's: a correction makes its update there)."""
     m, n = shape
     e, half = dtype_bytes, dtype_bytes != 4
     if rank is None:
@@ -170,8 +174,13 @@ def update_temporaries(
     cast = (4 if bf16_bases else 0) if e == 4 else (0 if bf16_bases else e)
     chunked = eight_bit and p > CHUNK_ELEMENTS  # osd.optim.SubspaceOptimizer._subspace_rule
     copy = e * p if clipped else 0
-    full = correction != "none" or stacked
-    projecting_back = (e * m * n if full else 0) + (2 * e if chunked else PROJECTED) * p + cast * q + copy
+    # the m x n update: made in the gradient's buffer where it is the step's to reuse (a
+    # stack's copy, osd.Layerwise's gradient), after online PCA took its r-wide products
+    # of it (y = X C^T, fp32, q), else a new tensor where one is made (a correction)
+    in_gradient = (stacked or scratch) and (stacked or correction != "none")
+    full = correction != "none" and not in_gradient
+    products = 4 * q if in_gradient and proj_optimizer is not None else 0
+    projecting_back = (e * m * n if full else 0) + (2 * e if chunked else PROJECTED) * p + cast * q + copy + products
     if correction != "none":
         projecting_back += CORRECTION_TEMPORARIES * max(m, n)
         if correction != "fira" and half and not chunked:  # APOLLO projects nothing back: no 16-bit copy
@@ -483,7 +492,16 @@ def estimate(
         basis_optimizer = proj_optimizer if optimizer == "osd" else None
         stack = 1 if per_layer else min(same_shape[p.shape], max(1, MAX_STACK_BYTES // (p.numel * 4)))
         one = update_temporaries(
-            shape, e, rank, eight_bit, correction, basis_optimizer, basis_dtype, stacked=stack > 1, clipped=clipped
+            shape,
+            e,
+            rank,
+            eight_bit,
+            correction,
+            basis_optimizer,
+            basis_dtype,
+            stacked=stack > 1,
+            clipped=clipped,
+            scratch=per_layer,
         )
         return stack * one
 

@@ -8,7 +8,8 @@ For a stack of k same-shape parameters W in a *subspace group* (a param group wi
     R  = project(G)                            (k x r x n, k x m x r or k x r x r; osd.projectors)
     D  = rule(R, state, lr)                    (Adam / Lion / Adafactor in the subspace, fp32)
     W <- W (1 - lr wd) - scale * project_back(D)
-    projector.after_update(G)                  (online PCA: one step on P)
+    projector.after_update(G)                  (online PCA: one step on P; what it needs of G
+                                                is taken before, when G's buffer takes the update)
 
 Every line is a handful of batched ops whatever k is (see :mod:`osd.engine`), and none reads
 a tensor on the host, but an SVD or random refresh.
@@ -253,7 +254,8 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         g = self.gradients(params, grads)
         self.refresh(params, g)
         r = self.project(params, g)
-        self.finish(params, r, g, r)
+        # g is a copy unless it is a lone gradient of the projection dtype (a view of it)
+        self.finish(params, r, g, r, scratch=len(grads) > 1 or g.dtype != grads[0].dtype)
 
     def gradients(self, params, grads) -> torch.Tensor:
         """A subspace stack's gradients as one ``k x m x n`` tensor in the projection dtype
@@ -307,13 +309,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
         return projectors.project(g, bases, shards.layout(params))
 
     def finish(
-        self, params, r: torch.Tensor, g: torch.Tensor, g_projected: torch.Tensor, micro_batches: int = 1
+        self,
+        params,
+        r: torch.Tensor,
+        g: torch.Tensor,
+        g_projected: torch.Tensor,
+        micro_batches: int = 1,
+        scratch: bool = False,
     ) -> None:
         """Finish a step of a subspace stack from the projected gradients ``r``: the rule,
         projection back, weight decay and apply, then the projector's own update, which sees
         the gradients ``g`` and their projection (the same as ``r`` unless accumulating: then
         ``g`` is the last of ``micro_batches`` micro-batches, and a full-rank correction
-        takes ``micro_batches`` times its residual for the sum's)."""
+        takes ``micro_batches`` times its residual for the sum's).
+
+        ``scratch``: ``g`` is the caller's to lose (a copy, or its last reference to a
+        gradient): the m x n update, where one is made (a stack, or a correction), is made
+        in its buffer, after the projector has taken what it needs from it."""
         # no_grad inside, not as a decorator: the decorator's wrapper would keep the
         # arguments alive until return, and r (a clipped copy) is freed before P's step
         with torch.no_grad():
@@ -333,16 +345,32 @@ class SubspaceOptimizer(torch.optim.Optimizer):
             scale = group["scale"]
             correction = group.get("correction", "none")
             layout = projectors.projected_layout(shard, bases)
+            lone = len(params) == 1 and params[0].dtype == g.dtype  # updated in place, no m x n update
+            reuse = scratch and (correction != "none" or not lone)  # the m x n update goes into g
             # W <- (1 - decay) W - scale U = lerp(W, -(scale / decay) U, decay): one pass over W,
             # and the factor goes on the small r x k update (into the rule's lr where the update
             # is lr times something the state does not depend on)
             folded = correction == "none" and decay and rule.scales_with_lr
             delta = self._subspace_rule(rule, r, st, lr * -scale / decay if folded else lr, step + 1, layout, g.dtype)
+            if reuse:  # before g's buffer takes the update
+                prepared = projector.prepare(g, g_projected, st, step, shard)
             if correction != "none":  # a full-space update (scale included): m x n anyway
                 step_size = rule.step_size(lr, step + 1)
                 alpha = -1 / decay if decay else 1.0
                 update = corrections.update(
-                    correction, g, g_projected, r, delta, step_size, bases, scale, st, shard, alpha, micro_batches
+                    correction,
+                    g,
+                    g_projected,
+                    r,
+                    delta,
+                    step_size,
+                    bases,
+                    scale,
+                    st,
+                    shard,
+                    alpha,
+                    micro_batches,
+                    reuse,
                 )
                 engine.add_new_state(states, st)
                 scale = 1.0
@@ -351,21 +379,23 @@ class SubspaceOptimizer(torch.optim.Optimizer):
                     delta = delta * (-scale / decay)
                 delta = delta.to(g.dtype)
                 update = None
-                if len(params) == 1 and params[0].dtype == g.dtype:
+                if lone:
                     # one matrix (osd.Layerwise): the last product adds into the weights in place
                     # (no m x n update); with decay, (1 - decay) W + decay U as the lerp below
                     alpha, beta = (decay, 1 - decay) if decay else (-scale, 1.0)
                     weight = params[0].view(1, *_matrix_shape(params[0]))
                     projectors.project_back_add(weight, delta, bases, alpha, beta)
                 else:
-                    update = projectors.project_back(delta, bases)
+                    update = projectors.project_back(delta, bases, out=g if reuse else None)
             if update is not None and decay:
                 engine.lerp(params, update, decay)
             elif update is not None:
                 engine.apply(params, update, lr, 0.0, alpha=-scale)
             del update, delta, r  # the m x n update and the fp32 copies: not alive in the basis step
             old = {k: b.clone() for k, b in bases.items()} if group["transport"] and step > 0 else {}
-            skipped = projector.after_update(g, g_projected, st, step, lr / group["initial_lr"], shard)
+            if not reuse:
+                prepared = projector.prepare(g, g_projected, st, step, shard)
+            skipped = projector.after_update(prepared, st, step, lr / group["initial_lr"], shard)
             if skipped is not None:
                 self._count_skips(skipped)
                 if old:

@@ -101,8 +101,11 @@ def _back_factors(d: torch.Tensor, bases: dict) -> tuple[torch.Tensor, torch.Ten
     return d, bases[COLS].to(d.dtype).mT
 
 
-def project_back(d: torch.Tensor, bases: dict) -> torch.Tensor:
-    """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both."""
+def project_back(d: torch.Tensor, bases: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An update in the subspace back to full space: ``B_r D``, ``D B_c^T`` or both (into
+    ``out``, a stack of ``d``'s dtype, when given)."""
+    if out is not None:
+        return torch.bmm(*_back_factors(d, bases), out=out)
     return mm(*_back_factors(d, bases))
 
 
@@ -206,7 +209,10 @@ class SVD:
         for key, basis in _svd_bases(g, rank, *sides, self.svd, shard, self.basis_dtype).items():
             put(state, key, basis)
 
-    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
+    def prepare(self, g, projected, state, step, shard=WHOLE):
+        return None
+
+    def after_update(self, prepared, state, step, lr_ratio, shard=WHOLE):
         return None
 
 
@@ -237,7 +243,10 @@ class Random:
                 q = (shard.rows(q) if key == ROWS else q).contiguous()
                 put(state, key, q.to(device=g.device, dtype=self.basis_dtype))
 
-    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
+    def prepare(self, g, projected, state, step, shard=WHOLE):
+        return None
+
+    def after_update(self, prepared, state, step, lr_ratio, shard=WHOLE):
         return None
 
 
@@ -274,15 +283,32 @@ def pca_grad(
     Row shards (``shard``): with ``rows_sharded`` the basis and ``x`` hold this rank's rows
     (a left basis), and ``B^T X`` and ``B^T B`` are sums over the ranks; otherwise ``x``
     holds this rank's columns (``x = G^T``, a right basis, replicated), and ``C C^T`` and
-    ``X C^T`` are."""
+    ``X C^T`` are.
+
+    It is :func:`pca_products` (what needs ``x``) then :func:`pca_grad_from` (the rest)."""
+    c, y = pca_products(basis, x, c, shard, rows_sharded)
+    return pca_grad_from(basis, c, y, orth_reg, x_scale_sq, shard, rows_sharded)
+
+
+def pca_products(basis, x, c=None, shard: Whole = WHOLE, rows_sharded: bool = False, dtype=None):
+    """The part of :func:`pca_grad` that reads ``x``: ``(c, y)`` with ``c = B^T x`` (``c`` as
+    given, else computed) and ``y = x c^T``, in ``dtype`` (the basis step's; by default the
+    basis's), each summed over the ranks where it is a partial sum. Both are r-wide: once
+    they are taken, ``x``'s buffer may be reused."""
+    dtype = dtype or basis.dtype
     if c is None:
-        c = mm(basis.to(x.dtype).mT, x).to(basis.dtype)
+        c = mm(basis.to(x.dtype).mT, x).to(dtype)
         if rows_sharded:
             c = shard.sum(c)
-    # C = s c: X C^T and C C^T carry s^2
-    y = mm(x, c.to(x.dtype).mT).to(basis.dtype)  # X C^T
+    y = mm(x, c.to(x.dtype).mT).to(dtype)  # X C^T over s^2
     if not rows_sharded:
         y = shard.sum(y)
+    return c, y
+
+
+def pca_grad_from(basis, c, y, orth_reg=0.0, x_scale_sq=1.0, shard: Whole = WHOLE, rows_sharded: bool = False):
+    """:func:`pca_grad` from :func:`pca_products`' ``(c, y)`` (``y`` is scaled in place)."""
+    # C = s c: X C^T and C C^T carry s^2
     y = y.mul_(x_scale_sq)
     gram = mm(basis.mT, basis)
     cct = mm(c, c.mT).to(basis.dtype)
@@ -335,30 +361,48 @@ class OnlinePCA:
             for name, t in self.rule.init(basis.shape, basis.device, self.storage).items():
                 state[f"{key}.{name}"] = t
 
-    def after_update(self, g, projected, state, step, lr_ratio, shard=WHOLE):
-        """One step on P for every matrix of the stack. Returns None when the bases did not
-        move, else a (k,) bool tensor: the matrices that skipped their step."""
-        if step == 0:  # the reference takes no P step at initialisation
+    def prepare(self, g, projected, state, step, shard=WHOLE):
+        """What the basis step takes from the gradients ``g`` and their projection, before
+        ``g``'s buffer may take the weights' update: per matrix 1 / ||G||^2 and whether it
+        skips its step, per basis the r-wide products of :func:`pca_products`. None at the
+        first step (the reference takes no P step at initialisation)."""
+        if step == 0:
             return None
-        with _tf32_if_low_precision(g):
-            return self._step(g, projected, state, step, lr_ratio, shard)
-
-    def _step(self, g, projected, state, step, lr_ratio, shard):
         norm = shard.norm(g, dim=(-2, -1), dtype=torch.float32)
         # 1 / ||G||^2 (the PCA loss of G / ||G||), and 0 where ||G|| is 0, not finite (or
         # below 1e-19, whose square is not an fp32 number): those skip their step
         inv_sq = norm.pow_(-2).nan_to_num_(0.0, 0.0, 0.0).view(-1, 1, 1)
+        prepared = {"inv_sq": inv_sq, "tf32": _low_precision_cuda(g)}
+        one_sided = (ROWS in state) != (COLS in state)
+        with _tf32_if(prepared["tf32"]):
+            for key, x in ((ROWS, g), (COLS, g.mT)):
+                if key in state:
+                    # B^T G is the projected gradient already computed (one side projected)
+                    c = (projected if key == ROWS else projected.mT) if one_sided else None
+                    prepared[key] = pca_products(state[key], x, c, shard, key == ROWS, torch.float32)
+        return prepared
+
+    def after_update(self, prepared, state, step, lr_ratio, shard=WHOLE):
+        """One step on P for every matrix of the stack, from :meth:`prepare`'s products.
+        Returns None when the bases did not move, else a (k,) bool tensor: the matrices that
+        skipped their step."""
+        if prepared is None:
+            return None
+        with _tf32_if(prepared["tf32"]):
+            return self._step(prepared, state, step, lr_ratio, shard)
+
+    def _step(self, prepared, state, step, lr_ratio, shard):
+        inv_sq = prepared["inv_sq"]
         keep = (inv_sq == 0).view(-1)
         lr = self.lr if self.lr is not None else lr_ratio / self.update_gap
-        one_sided = (ROWS in state) != (COLS in state)
-        for key, x in ((ROWS, g), (COLS, g.mT)):
+        for key in (ROWS, COLS):
             if key not in state:
                 continue
             stored = state[key]
             basis = stored.float()  # the stored tensor itself when fp32
-            # B^T G is the projected gradient already computed (one side projected)
-            c = (projected if key == ROWS else projected.mT) if one_sided else None
-            grad = pca_grad(basis, x, c, self.orth_reg, inv_sq, shard, rows_sharded=key == ROWS)
+            c, y = prepared.pop(key)
+            grad = pca_grad_from(basis, c, y, self.orth_reg, inv_sq, shard, rows_sharded=key == ROWS)
+            del c, y
             prefix = key + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             rows = shard if key == ROWS else WHOLE  # a left basis: this rank's rows
@@ -482,13 +526,18 @@ def from_group(group: dict):
     )
 
 
+def _low_precision_cuda(g: torch.Tensor) -> bool:
+    return g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
+
+
 @contextlib.contextmanager
-def _tf32_if_low_precision(g: torch.Tensor):
-    """On CUDA, with projections in a 16-bit dtype, let the basis step's fp32 matmuls (the
-    r x r Gram products, P's optimizer) use TF32 tensor cores: still more precise than the
-    references, which run the whole step in bf16, and several times faster than fp32 on
-    CUDA cores. The global precision setting is restored afterwards."""
-    if not (g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)):
+def _tf32_if(on: bool):
+    """On CUDA, with projections in a 16-bit dtype (``on``: :func:`_low_precision_cuda` of
+    the gradients), let the basis step's fp32 matmuls (the r x r Gram products, P's
+    optimizer) use TF32 tensor cores: still more precise than the references, which run the
+    whole step in bf16, and several times faster than fp32 on CUDA cores. The global
+    precision setting is restored afterwards."""
+    if not on:
         yield
         return
     previous = torch.get_float32_matmul_precision()
