@@ -3,27 +3,17 @@ errors, and one real run of each kind (full, LoRA, GaLore, OSD) on the tiny fixt
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import bench_module
 from glue_fixtures import write_glue, write_model
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "glue.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_glue", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("glue") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import bench_module
 from train_fixtures import make_fixture
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("quality") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_quality_bench_writes_results_and_reuses_runs(quality, tmp_path, capsys):

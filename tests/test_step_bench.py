@@ -4,28 +4,18 @@ stand under, no more and no fewer: their matmul FLOPs equal those of ``osd.AdamW
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from bench_loader import bench_module
 from torch.utils.flop_counter import FlopCounterMode
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "step.py"
 
 
 @pytest.fixture(scope="module")
 def step_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("step") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _step_flops(bench, method: str, shapes, rank: int) -> int:
