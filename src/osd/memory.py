@@ -66,8 +66,9 @@
   gradient and update) and the last decoder layer's (every layer's input, that layer's
   recomputed activations and backward, and the costliest update of one of its matrices).
   Not counted: the first step's initial bases (one matrix's SVD at a time: measured at
-  most 0.4% above the later steps' peak, per layer and stacked), kernel workspaces (LAPACK's and
-  cuSOLVER's for that SVD among them), the CUDA context and allocator fragmentation. ``sum`` (every row added) is an upper bound on the tensors alive.
+  most 0.4% above the later steps' peak, per layer and stacked), kernel workspaces
+  (LAPACK's and cuSOLVER's for that SVD among them), the CUDA context and allocator
+  fragmentation. ``sum`` (every row added) is an upper bound on the tensors alive.
   tests/test_memory.py checks the total against whole steps of the trainer on the meta
   device (``bench/configs.py --device meta``: allocations tracked, FlashAttention's
   kernel) for a 2-layer model of LLaMA-7B's width, to 0.1% for per-layer configs;
