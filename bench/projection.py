@@ -3,8 +3,9 @@
 For each LLaMA weight shape m x n and rank r (r < min(m, n)) this times
 
 * ``PCA``: one closed-form online-PCA step with AdamW on the basis, exactly what the
-  optimizer runs after every weight update: ``osd.projectors.OnlinePCA().after_update``
-  (gradient norm, closed-form ``pca_grad`` reusing the projected gradient, Adam step on P)
+  optimizer runs around every weight update: ``osd.projectors.OnlinePCA().prepare`` and
+  ``after_update`` (gradient norm, closed-form ``pca_grad`` reusing the projected gradient,
+  Adam step on P)
   on a prepared state (orthonormal basis, Adam moments, projected gradient);
 * ``PCA autograd`` (reference only): the same step with the PCA-loss gradient taken by
   autograd on ``||B B^T X - X||_F^2`` instead of the closed form (the OSD reference code);
@@ -230,7 +231,7 @@ def main(argv=None):
         f"{header}; load average (1 min) at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}.",
         f"Medians over {'/'.join(map(str, n_pca_desc))} PCA repeats and {'/'.join(map(str, n_svd_desc))} SVD "
         "repeats (fewer for the larger shapes); the SVD does not depend on the rank.",
-        "PCA = `OnlinePCA().after_update` (closed-form gradient + AdamW step on P); "
+        "PCA = `OnlinePCA().prepare` + `after_update` (closed-form gradient + AdamW step on P); "
         "autograd = the same step with the gradient from autograd; SVD = `_svd_bases` (torch.linalg.svd, fp32).",
     ]
     verdict = target_lines(rows)
