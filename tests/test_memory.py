@@ -294,13 +294,13 @@ def _check_update_temporaries(update, dtype, mode):
     cls, group, eight_bit, proj_optimizer = _update_case(update)
     k = 2 if mode == "stacked" else 1
     for shape, rank in (((512, 1376), 128), ((512, 512), 256), ((1024, 512), 32)):
-        gen = torch.Generator().manual_seed(0)
-        ws = [torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype])) for _ in range(k)]
+        # on the meta device: what a step allocates does not depend on the values
+        ws = [torch.nn.Parameter(torch.randn(shape, device="meta", dtype=DTYPES[dtype])) for _ in range(k)]
         opt = cls([{"params": ws, "rank": rank, **group}], lr=1e-3)
         layerwise = osd.Layerwise(opt) if mode == "layerwise" else None
         for _ in range(3):  # the last is a steady-state step
             for w in ws:
-                w.grad = torch.randn(shape, generator=gen).to(DTYPES[dtype])
+                w.grad = torch.randn(shape, device="meta", dtype=DTYPES[dtype])
             with AllocatedPeak() as allocated:
                 if layerwise:  # what backward's hook does
                     layerwise._hook(ws[0])
