@@ -178,7 +178,7 @@ def update_temporaries(
     # the m x n update: made in the gradient's buffer where it is the step's to reuse (a
     # stack's copy, osd.Layerwise's gradient), after online PCA took its r-wide products
     # of it (y = X C^T, fp32, q), else a new tensor where one is made (a correction)
-    in_gradient = (stacked or scratch) and (stacked or correction != "none")
+    in_gradient = stacked or (scratch and correction != "none")
     full = correction != "none" and not in_gradient
     products = 4 * q if in_gradient and proj_optimizer is not None else 0
     projecting_back = (e * m * n if full else 0) + (2 * e if chunked else PROJECTED) * p + cast * q + copy + products

@@ -193,21 +193,12 @@ def _svd_bases(
     return bases
 
 
-@dataclass(frozen=True)
-class SVD:
-    """GaLore: bases = top-r singular vectors of G at steps 0, T, 2T, ..."""
-
-    update_gap: int = 200
-    svd: str = "exact"  # or "randomized"
-    basis_dtype: torch.dtype = torch.float32
-    from_gradient = True  # the refresh reads G (a non-finite G cannot give a basis)
+class _Periodic:
+    """A projector whose bases are rebuilt at steps 0, T, 2T, ... (``update_gap``) and stay
+    fixed in between: no step of its own after an update."""
 
     def refreshes(self, step: int) -> bool:
         return step % self.update_gap == 0
-
-    def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
-        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard, self.basis_dtype).items():
-            put(state, key, basis)
 
     def prepare(self, g, projected, state, step, shard=WHOLE):
         return None
@@ -217,16 +208,27 @@ class SVD:
 
 
 @dataclass(frozen=True)
-class Random:
+class SVD(_Periodic):
+    """GaLore: bases = top-r singular vectors of G at steps 0, T, 2T, ..."""
+
+    update_gap: int = 200
+    svd: str = "exact"  # or "randomized"
+    basis_dtype: torch.dtype = torch.float32
+    from_gradient = True  # the refresh reads G (a non-finite G cannot give a basis)
+
+    def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
+        for key, basis in _svd_bases(g, rank, *sides, self.svd, shard, self.basis_dtype).items():
+            put(state, key, basis)
+
+
+@dataclass(frozen=True)
+class Random(_Periodic):
     """Orthonormalised Gaussian bases, redrawn at steps 0, T, 2T, ... (deterministic in
     (seed, step), drawn on the CPU so every device and rank gets the same numbers)."""
 
     update_gap: int = 200
     basis_dtype: torch.dtype = torch.float32
     from_gradient = False
-
-    def refreshes(self, step: int) -> bool:
-        return step % self.update_gap == 0
 
     def refresh(self, g, state, step, rank, sides, seeds, shard=WHOLE):
         draws = {ROWS: [], COLS: []}
@@ -242,12 +244,6 @@ class Random:
                 # a resumed run multiplies bit for bit as the uninterrupted one
                 q = (shard.rows(q) if key == ROWS else q).contiguous()
                 put(state, key, q.to(device=g.device, dtype=self.basis_dtype))
-
-    def prepare(self, g, projected, state, step, shard=WHOLE):
-        return None
-
-    def after_update(self, prepared, state, step, lr_ratio, shard=WHOLE):
-        return None
 
 
 # P's own optimizer, by name: (rule, storage, default weight decay). The defaults are those
